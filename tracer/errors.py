@@ -1,0 +1,64 @@
+"""Named errors of the tracer API, so callers (and the handler) can tell bad input from bugs."""
+
+
+class TpServeError(Exception):
+    """Base class of every error tpserve raises on purpose."""
+
+
+class TraceError(TpServeError):
+    """Tracing could not run or failed on a rank."""
+
+
+class CompilerArgsError(TpServeError, ValueError):
+    """compiler_args holds an argument the backend does not know."""
+
+
+class CheckpointKeyError(TpServeError, KeyError):
+    """The checkpoint's keys do not match the model's (missing or unexpected keys)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CheckpointShapeError(TpServeError, ValueError):
+    """A checkpoint tensor does not have the unsharded shape the layer expects."""
+
+
+class ArtifactError(TpServeError):
+    """A saved model directory cannot be loaded safely."""
+
+
+class ManifestError(ArtifactError):
+    """manifest.json is missing or unreadable."""
+
+
+class MissingRankError(ArtifactError):
+    """A tp_{rank} directory named by the manifest is missing."""
+
+
+class TpDegreeMismatchError(ArtifactError):
+    """The saved tp_degree does not match the rank directories or the caller's expectation."""
+
+
+class ChecksumMismatchError(ArtifactError):
+    """A file's sha256 differs from the one recorded in the manifest."""
+
+
+class TorchVersionMismatchError(ArtifactError):
+    """The artifacts were traced with another torch version."""
+
+
+class InputSignatureError(TpServeError, ValueError):
+    """Call inputs do not match the traced input signature (count, dtype, rank)."""
+
+
+class BucketSelectionError(TpServeError, ValueError):
+    """No bucket fits the input (e.g. a sequence longer than the largest bucket)."""
+
+
+class RankExecutionError(TpServeError, RuntimeError):
+    """A rank failed while running a request; the other ranks were released."""
+
+
+class ModelClosedError(TpServeError, RuntimeError):
+    """The TensorParallelModel was closed."""

@@ -1,0 +1,132 @@
+"""TensorParallelModel: the traced shards of every rank, called like one traced model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from . import artifacts
+from .errors import BucketSelectionError, InputSignatureError, ModelClosedError
+from .executor import RankThreads
+
+
+def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+def get_tensor(module: torch.jit.ScriptModule, dotted: str) -> torch.Tensor:
+    owner, leaf = _resolve(module, dotted)
+    return getattr(owner, leaf)
+
+
+def set_tensor(module: torch.jit.ScriptModule, dotted: str, value: torch.Tensor) -> None:
+    owner, leaf = _resolve(module, dotted)
+    owner._c.setattr(leaf, value)
+
+
+class TensorParallelModel(torch.nn.Module):
+    """Runs all ranks for each call and returns rank 0's output. Safe under concurrent callers
+    (calls are serialised: the ranks already use every core). close() or `with` releases threads."""
+
+    def __init__(self, load_dir: Path, manifest: dict, threads_per_rank: int | None = None) -> None:
+        super().__init__()
+        self.load_dir = Path(load_dir)
+        self.manifest = manifest
+        self.tp_degree = int(manifest["tp_degree"])
+        self.buckets = manifest["buckets"]
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ranks = [self._load_rank(rank) for rank in range(self.tp_degree)]
+        self._states = [[(get_tensor(mods[0], name), index) for name, index in manifest["aliases"].items()]
+                        for mods in self._ranks]
+        kernel = manifest.get("bucket_kernel")
+        self._kernel = torch.jit.load(str(self.load_dir / kernel)) if kernel else None
+        if threads_per_rank is None:
+            threads_per_rank = max(1, torch.get_num_threads() // self.tp_degree)
+        self._executor = RankThreads(self.tp_degree, threads_per_rank)
+
+    def _load_rank(self, rank: int) -> list[torch.jit.ScriptModule]:
+        modules = [torch.jit.load(str(self.load_dir / artifacts.bucket_file(rank, b)), map_location="cpu")
+                   for b in range(len(self.buckets))]
+        if not self.manifest["inline_weights"]:
+            shared = load_file(str(self.load_dir / artifacts.weights_file(rank)))
+        else:  # state tensors must still be one per rank, whichever bucket updates them
+            shared = {name: get_tensor(modules[0], name) for name in self.manifest["aliases"]}
+        for module in modules:
+            for name, tensor in shared.items():
+                set_tensor(module, name, tensor)
+        for module in modules:
+            module.eval()
+        return modules
+
+    def rank_modules(self, rank: int) -> list[torch.jit.ScriptModule]:
+        """The traced graphs of one rank, one per bucket (for inspection)."""
+        return list(self._ranks[rank])
+
+    def select_bucket(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        if self._kernel is None:
+            return inputs, 0
+        try:
+            padded, index = self._kernel(inputs)
+        except torch.jit.Error as exc:
+            raise BucketSelectionError(str(exc).strip().splitlines()[-1]) from exc
+        return list(padded), int(index.reshape(-1)[0])
+
+    def _check_inputs(self, inputs: tuple) -> None:
+        expected = self.buckets[0]["inputs"]
+        if len(inputs) != len(expected):
+            raise InputSignatureError(f"expected {len(expected)} inputs, got {len(inputs)}")
+        for i, (x, spec) in enumerate(zip(inputs, expected, strict=True)):
+            if not isinstance(x, torch.Tensor):
+                raise InputSignatureError(f"input {i}: expected a tensor, got {type(x).__name__}")
+            if str(x.dtype).removeprefix("torch.") != spec["dtype"] or x.dim() != len(spec["shape"]):
+                raise InputSignatureError(
+                    f"input {i}: expected {spec['dtype']} with {len(spec['shape'])} dims, "
+                    f"got {str(x.dtype).removeprefix('torch.')} with {x.dim()} dims")
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        self._check_inputs(inputs)
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError("this TensorParallelModel is closed")
+            padded, bucket = self.select_bucket(list(inputs))
+
+            def run_rank(rank: int) -> Any:
+                output = self._ranks[rank][bucket](*padded)
+                for state, index in self._states[rank]:  # input->output aliases: keep the update
+                    state.copy_(output[index])
+                return output
+
+            return self._executor.run(run_rank)[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._executor.close()
+
+    def __enter__(self) -> TensorParallelModel:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def extra_repr(self) -> str:
+        shapes = [tuple(b["inputs"][0]["shape"]) for b in self.buckets]
+        return (f"tp_degree={self.tp_degree}, buckets={len(self.buckets)} {shapes}, "
+                f"inline_weights={self.manifest['inline_weights']}, backend={self.manifest['backend']}, "
+                f"threads_per_rank={self._executor.threads_per_rank}, dir='{self.load_dir}'"
+                + (", closed" if self._closed else ""))

@@ -1,0 +1,166 @@
+"""BERT encoder (Hugging Face BertModel architecture) built from tensor-parallel layers.
+
+Parameter names equal Hugging Face's, so parallel_layers.load reads an unsharded HF checkpoint.
+Per layer: Q/K/V and the FFN input are column-parallel (each rank owns heads / FFN columns, no
+gather); the attention output and FFN output are row-parallel (one all-reduce each).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel_layers import parallel_state
+from ..parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> BertConfig:
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = ParallelEmbedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.LayerNorm(x + self.token_type_embeddings(token_type_ids))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_size()
+        if c.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={c.num_attention_heads} is not divisible by tp_degree={tp}")
+        self.local_heads = c.num_attention_heads // tp
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.query = ColumnParallelLinear(c.hidden_size, c.hidden_size, gather_output=False)
+        self.key = ColumnParallelLinear(c.hidden_size, c.hidden_size, gather_output=False)
+        self.value = ColumnParallelLinear(c.hidden_size, c.hidden_size, gather_output=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), x.size(1), self.local_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_bias
+        context = scores.softmax(dim=-1) @ v
+        return context.transpose(1, 2).reshape(x.size(0), x.size(1), self.local_heads * self.head_dim)
+
+
+class BertDenseOutput(nn.Module):
+    """Row-parallel projection back to hidden size, residual, LayerNorm (HF's *Output blocks)."""
+
+    def __init__(self, in_features: int, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = RowParallelLinear(in_features, c.hidden_size, input_is_parallel=True)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertDenseOutput(c.hidden_size, c)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, mask_bias), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        if c.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {c.hidden_act!r} is not supported (only 'gelu')")
+        self.dense = ColumnParallelLinear(c.hidden_size, c.intermediate_size, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertDenseOutput(c.intermediate_size, c)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, mask_bias)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask_bias)
+        return x
+
+
+class ParallelBertModel(nn.Module):
+    """forward(input_ids, attention_mask[, token_type_ids]) -> last_hidden_state [B, S, H]."""
+
+    # Checkpoint keys this model has no use for (HF's pooler; old checkpoints' position_ids buffer).
+    unused_checkpoint_keys = ("pooler.", "embeddings.position_ids")
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        mask_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        return self.encoder(x, mask_bias)
+
+
+def load_bert(model_dir, prefix: str = "") -> tuple[ParallelBertModel, dict]:
+    """Build this rank's shard of the BERT checkpoint in `model_dir` (config.json plus
+    model.safetensors or pytorch_model.bin). A `func` for parallel_model_trace via functools.partial."""
+    import json
+    from pathlib import Path
+
+    from ..parallel_layers import load
+
+    model_dir = Path(model_dir)
+    config = BertConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+    model = ParallelBertModel(config)
+    checkpoint = model_dir / "model.safetensors"
+    if not checkpoint.exists():
+        checkpoint = model_dir / "pytorch_model.bin"
+    load(checkpoint, model, prefix=prefix, ignore_unexpected=ParallelBertModel.unused_checkpoint_keys)
+    return model.eval(), {}

@@ -1,0 +1,75 @@
+"""parallel_layers.load: fill a tensor-parallel model from the UNSHARDED model's checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointKeyError, CheckpointShapeError
+
+
+class _SafetensorsSource(Mapping):
+    """Lazy view of a .safetensors file: values are slices, so a rank reads only its own part."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self._keys = list(handle.keys())
+
+    def __getitem__(self, key: str):
+        return self._handle.get_slice(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@contextlib.contextmanager
+def _open(checkpoint) -> Iterator[Mapping]:
+    if isinstance(checkpoint, Mapping):
+        yield checkpoint
+        return
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            yield _SafetensorsSource(handle)
+    else:  # weights_only: a checkpoint must not be able to run code
+        yield torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: str = "",
+         ignore_unexpected: tuple[str, ...] = ()) -> None:
+    """Copy `checkpoint` into `model`.
+
+    checkpoint: a state dict, or a path to a .safetensors / .pt(.bin) file. With sharded=False its
+    keys and shapes are the unsharded model's and every parallel layer copies its rank's slice;
+    with sharded=True the tensors are already this rank's shards. `prefix` is prepended to model
+    keys (e.g. "bert."); checkpoint keys starting with one of `ignore_unexpected` may stay unused.
+    """
+    targets = model.state_dict(keep_vars=True)
+    with _open(checkpoint) as source:
+        wanted = {prefix + name for name in targets}
+        missing = sorted(wanted - set(source))
+        unexpected = sorted(k for k in set(source) - wanted if not k.startswith(ignore_unexpected))
+        if missing or unexpected:
+            raise CheckpointKeyError(
+                f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+        with torch.no_grad():
+            for name, target in targets.items():
+                value = source[prefix + name]
+                loader = getattr(target, "weight_loader", None)
+                if loader is not None and not sharded:
+                    loader(target, value)
+                    continue
+                tensor = value if isinstance(value, torch.Tensor) else value[:]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise CheckpointShapeError(
+                        f"{prefix + name}: checkpoint shape {tuple(tensor.shape)}, model shape {tuple(target.shape)}")
+                target.copy_(tensor)

@@ -1,0 +1,144 @@
+"""Tensor-parallel layers with neuronx_distributed's meaning. Each layer owns its weight loader:
+given the UNSHARDED checkpoint tensor (or a lazy safetensors slice), it copies this rank's part.
+
+Collectives are tpserve custom ops, so torch.jit.trace records them inside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import collectives
+from ..errors import CheckpointShapeError
+from . import parallel_state
+
+
+def _shape(source) -> tuple[int, ...]:
+    """Shape of a torch tensor or a safetensors slice (which is read lazily)."""
+    return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+
+
+def _check_shape(name: str, source, expected: tuple[int, ...]) -> None:
+    if _shape(source) != expected:
+        raise CheckpointShapeError(f"{name}: checkpoint shape {_shape(source)}, expected unsharded {expected}")
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what}={total} is not divisible by tensor parallel size {parts}")
+    return total // parts
+
+
+class _ParallelLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tp_size = parallel_state.get_tensor_model_parallel_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def _parameter(self, *shape: int, full_shape: tuple[int, ...], loader) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+        param.full_shape = full_shape
+        param.weight_loader = loader
+        return param
+
+    def _copy_whole(self, param: nn.Parameter, source) -> None:
+        _check_shape(type(self).__name__, source, param.full_shape)
+        param.copy_(source[:])
+
+
+class ColumnParallelLinear(_ParallelLayer):
+    """y = x A^T + b with A split by output features (rows); gather_output all-gathers y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = True) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
+        self.local_out = _divide(output_size, self.tp_size, "output_size")
+        self.weight = self._parameter(self.local_out, input_size, full_shape=(output_size, input_size),
+                                      loader=self._load_rows)
+        self.bias = (self._parameter(self.local_out, full_shape=(output_size,), loader=self._load_rows)
+                     if bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.input_size), 1 / math.sqrt(self.input_size))
+
+    def _load_rows(self, param: nn.Parameter, source) -> None:
+        _check_shape(type(self).__name__, source, param.full_shape)
+        start = self.tp_rank * self.local_out
+        param.copy_(source[start:start + self.local_out])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output and self.tp_size > 1:
+            y = collectives.all_gather(y, y.dim() - 1, self.tp_rank, self.tp_size)
+        return y
+
+
+class RowParallelLinear(_ParallelLayer):
+    """y = x A^T + b with A split by input features (columns); partial sums are all-reduced and the
+    bias is added once, after the reduce. input_is_parallel=False takes this rank's slice of x."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, input_is_parallel: bool = False) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
+        self.local_in = _divide(input_size, self.tp_size, "input_size")
+        self.weight = self._parameter(output_size, self.local_in, full_shape=(output_size, input_size),
+                                      loader=self._load_columns)
+        self.bias = (self._parameter(output_size, full_shape=(output_size,), loader=self._copy_whole)
+                     if bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.input_size), 1 / math.sqrt(self.input_size))
+
+    def _load_columns(self, param: nn.Parameter, source) -> None:
+        _check_shape(type(self).__name__, source, param.full_shape)
+        start = self.tp_rank * self.local_in
+        param.copy_(source[:, start:start + self.local_in])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel and self.tp_size > 1:
+            start = self.tp_rank * self.local_in
+            x = x[..., start:start + self.local_in]
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
+        return y + self.bias if self.bias is not None else y
+
+
+class ParallelEmbedding(_ParallelLayer):
+    """Embedding split by vocabulary: each rank owns a contiguous block of rows (the last block is
+    zero-padded when the vocabulary does not divide), looks up the ids it owns, zeros the others,
+    and the ranks' partial results are all-reduced."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.weight = self._parameter(self.rows_per_rank, embedding_dim, full_shape=(num_embeddings, embedding_dim),
+                                      loader=self._load_rows)
+        nn.init.normal_(self.weight)
+
+    def _load_rows(self, param: nn.Parameter, source) -> None:
+        _check_shape(type(self).__name__, source, param.full_shape)
+        stop = min(self.vocab_start + self.rows_per_rank, self.num_embeddings)
+        param.zero_()
+        if stop > self.vocab_start:
+            param[: stop - self.vocab_start].copy_(source[self.vocab_start:stop])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight, self.padding_idx)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.rows_per_rank)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return collectives.all_reduce(out, self.tp_rank, self.tp_size)

@@ -1,0 +1,74 @@
+"""What one trace worker process does: build and trace one rank's shard for every bucket."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import artifacts, collectives
+from .model import set_tensor
+from .parallel_layers import parallel_state
+
+
+def _alias_names(model: torch.nn.Module, states, outputs: int) -> dict[str, int]:
+    """Map the state tensors of func()'s `states` ({tensor: output index}) to attribute names."""
+    if not states:
+        return {}
+    owned = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    aliases = {}
+    for tensor, index in dict(states).items():
+        if id(tensor) not in owned:
+            raise ValueError("states: every state tensor must be a parameter or buffer of the model")
+        if not 0 <= int(index) < outputs:
+            raise ValueError(f"states: output index {index} out of range for {outputs} outputs")
+        aliases[owned[id(tensor)]] = int(index)
+    return aliases
+
+
+def _count_outputs(output) -> int:
+    return len(output) if isinstance(output, (tuple, list)) else 1
+
+
+def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwargs: list[dict],
+               inline_weights: bool, options: dict, out_dir: str, intra_op_threads: int) -> dict:
+    started = time.time()
+    torch.set_num_threads(intra_op_threads)
+    parallel_state.set_tensor_model_parallel_rank(rank, tp_degree)
+    collectives.bind_trace()
+    root = Path(out_dir)
+    rank_path = artifacts.rank_dir(root, rank)
+    rank_path.mkdir(parents=True, exist_ok=True)
+    log = open(rank_path / "trace.log", "w")
+    files, aliases, weight_shapes = [], {}, None
+    for bucket, (example, kwargs) in enumerate(zip(examples, func_kwargs, strict=True)):
+        t0 = time.time()
+        model, states = func(**kwargs)
+        model.eval()
+        with torch.no_grad():
+            output = model(*example)
+            aliases = _alias_names(model, states, _count_outputs(output))
+            traced = torch.jit.trace(model, example, check_trace=options["check_trace"], strict=options["strict"])
+        if not inline_weights:  # weights once per rank; graphs carry empty placeholders
+            tensors = {name: t.detach().contiguous().clone()
+                       for name, t in [*traced.named_parameters(), *traced.named_buffers()]}
+            shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+            if weight_shapes is None:
+                save_file(tensors, str(root / artifacts.weights_file(rank)))
+                files.append(artifacts.weights_file(rank))
+                weight_shapes = shapes
+            elif shapes != weight_shapes:
+                raise ValueError(f"bucket {bucket} builds weights that differ from bucket 0's; buckets share weights")
+            for name, tensor in tensors.items():
+                set_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
+        torch.jit.save(traced, str(root / artifacts.bucket_file(rank, bucket)))
+        files.append(artifacts.bucket_file(rank, bucket))
+        log.write(f"rank {rank} bucket {bucket}: traced in {time.time() - t0:.2f}s\n")
+        del model, traced
+    log.close()
+    timing = {"rank": rank, "start": started, "end": time.time()}
+    (rank_path / "trace_timing.json").write_text(json.dumps(timing))
+    return {"rank": rank, "files": files, "aliases": aliases, **timing}
