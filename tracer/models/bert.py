@@ -7,7 +7,6 @@ gather); the attention output and FFN output are row-parallel (one all-reduce ea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -66,8 +65,7 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_bias
-        context = scores.softmax(dim=-1) @ v
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
         return context.transpose(1, 2).reshape(x.size(0), x.size(1), self.local_heads * self.head_dim)
 
 

