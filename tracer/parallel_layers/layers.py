@@ -17,14 +17,22 @@ from ..errors import CheckpointShapeError
 from . import parallel_state
 
 
-def _shape(source) -> tuple[int, ...]:
-    """Shape of a torch tensor or a safetensors slice (which is read lazily)."""
-    return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+def shape_of(source) -> tuple[int, ...]:
+    """Shape of a checkpoint tensor: a torch tensor or a tensor still on disk (TensorOnDisk)."""
+    return tuple(source.shape)
+
+
+def copy_slice(dest: torch.Tensor, source, dim: int = 0, start: int = 0, length: int | None = None) -> None:
+    """dest <- source.narrow(dim, start, length); a tensor on disk is read straight into dest."""
+    if isinstance(source, torch.Tensor):
+        dest.copy_(source.narrow(dim, start, source.shape[dim] - start if length is None else length))
+    else:
+        source.read_into(dest, dim, start, length)
 
 
 def _check_shape(name: str, source, expected: tuple[int, ...]) -> None:
-    if _shape(source) != expected:
-        raise CheckpointShapeError(f"{name}: checkpoint shape {_shape(source)}, expected unsharded {expected}")
+    if shape_of(source) != expected:
+        raise CheckpointShapeError(f"{name}: checkpoint shape {shape_of(source)}, expected unsharded {expected}")
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -47,7 +55,7 @@ class _ParallelLayer(nn.Module):
 
     def _copy_whole(self, param: nn.Parameter, source) -> None:
         _check_shape(type(self).__name__, source, param.full_shape)
-        param.copy_(source[:])
+        copy_slice(param, source)
 
 
 class ColumnParallelLinear(_ParallelLayer):
@@ -71,7 +79,7 @@ class ColumnParallelLinear(_ParallelLayer):
     def _load_rows(self, param: nn.Parameter, source) -> None:
         _check_shape(type(self).__name__, source, param.full_shape)
         start = self.tp_rank * self.local_out
-        param.copy_(source[start:start + self.local_out])
+        copy_slice(param, source, 0, start, self.local_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -102,7 +110,7 @@ class RowParallelLinear(_ParallelLayer):
     def _load_columns(self, param: nn.Parameter, source) -> None:
         _check_shape(type(self).__name__, source, param.full_shape)
         start = self.tp_rank * self.local_in
-        param.copy_(source[:, start:start + self.local_in])
+        copy_slice(param, source, 1, start, self.local_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel and self.tp_size > 1:
@@ -133,7 +141,7 @@ class ParallelEmbedding(_ParallelLayer):
         stop = min(self.vocab_start + self.rows_per_rank, self.num_embeddings)
         param.zero_()
         if stop > self.vocab_start:
-            param[: stop - self.vocab_start].copy_(source[self.vocab_start:stop])
+            copy_slice(param[: stop - self.vocab_start], source, 0, self.vocab_start, stop - self.vocab_start)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

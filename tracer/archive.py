@@ -1,0 +1,62 @@
+"""Package traced shards as a TorchServe model archive with torch-model-archiver.
+
+The shards folder is passed as ONE --extra-files folder: its contents (tp_{rank}/, manifest.json,
+tokenizer/, tpserve-model.json) land in the model dir with subfolders kept. (Listing files from
+several folders instead would silently flatten same-named files such as tp_0/bucket_0.pt.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .artifacts import MANIFEST
+from .hf_checkpoint import MODEL_INFO, UsageError
+
+HANDLER = Path(__file__).resolve().parent.parent / "handler" / "embedding_handler.py"
+
+
+def model_config(info: dict, max_batch_delay_ms: int) -> dict:
+    """model-config.yaml: TorchServe's worker settings plus our handler's."""
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": info["batch_size"],
+        "maxBatchDelay": max_batch_delay_ms,
+        "responseTimeout": 120,
+        "startupTimeout": 600,  # loading verifies checksums and binds every rank's weights
+        "handler": {
+            "tp_degree": info["tp_degree"],
+            "buckets": info["buckets"],
+            "max_inputs_per_request": 64,
+            "too_long": "truncate",  # or "reject" (413)
+        },
+    }
+
+
+def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
+                  max_batch_delay_ms: int = 5) -> Path:
+    if not (shards / MANIFEST).is_file() or not (shards / MODEL_INFO).is_file():
+        raise UsageError(f"{shards}: not a traced shards folder (run `python -m tracer trace` first)")
+    if archive_format not in ("default", "no-archive"):
+        raise UsageError(f"--archive-format must be default or no-archive, got {archive_format!r}")
+    if not model_name.replace("-", "").replace("_", "").isalnum():
+        raise UsageError(f"--model-name may hold letters, digits, - and _ only, got {model_name!r}")
+    info = json.loads((shards / MODEL_INFO).read_text())
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config(info, max_batch_delay_ms), sort_keys=False))
+        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
+                   "--version", "1.0", "--handler", str(HANDLER), "--extra-files", str(shards),
+                   "--config-file", str(config_file), "--export-path", str(export_path),
+                   "--archive-format", archive_format, "--force"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip().splitlines()[-1:]}")
+    return export_path / (f"{model_name}.mar" if archive_format == "default" else model_name)

