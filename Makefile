@@ -22,6 +22,7 @@ test: lint
 
 bench: install
 	$(PY) -m bench.tracer_core
+	$(PY) -m bench.offline_tracer
 
 clean:
 	rm -rf $(VENV) build *.egg-info

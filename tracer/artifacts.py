@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -56,7 +55,8 @@ def torch_version() -> str:
 
 
 def write_manifest(root: Path, *, tp_degree: int, inline_weights: bool, buckets: list[dict],
-                   aliases: dict[str, int], files: list[str], extra: dict | None = None) -> dict:
+                   aliases: dict[str, int], files: dict[str, str], extra: dict | None = None) -> dict:
+    """files: {relative path: sha256}, hashed by whoever wrote them (trace workers, in parallel)."""
     manifest = {
         "format": FORMAT,
         "backend": BACKEND,
@@ -66,7 +66,7 @@ def write_manifest(root: Path, *, tp_degree: int, inline_weights: bool, buckets:
         "buckets": buckets,
         "aliases": aliases,
         "bucket_kernel": "bucket_kernel.pt" if (root / "bucket_kernel.pt").exists() else None,
-        "files": {name: sha256(root / name) for name in sorted(files)},
+        "files": dict(sorted(files.items())),
         **(extra or {}),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -109,9 +109,14 @@ def read_verified_manifest(root: Path, tp_degree: int | None = None) -> dict:
 
 
 def copy_artifacts(source: Path, target: Path, manifest: dict) -> None:
-    """Copy the manifest and every file it names (nothing else) from source to target."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in manifest["files"]:
+    """Copy the manifest and every file it names (nothing else), checking each sha256 on the way."""
+    for name, expected in manifest["files"].items():
         (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, target / name)
-    shutil.copyfile(source / MANIFEST, target / MANIFEST)
+        digest = hashlib.sha256()
+        with open(source / name, "rb") as src, open(target / name, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != expected:
+            raise ChecksumMismatchError(f"{source}: {name} changed since it was traced")
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 import pickle
 import shlex
@@ -18,7 +16,7 @@ from . import artifacts, neuron
 from .bucketing import BucketModelConfig
 from .errors import CompilerArgsError, TraceError
 from .model import TensorParallelModel
-from .trace_worker import trace_rank
+from .trace_worker import run_trace_workers
 
 # compiler_args the CPU backend understands; anything else is refused, never silently ignored.
 _CPU_COMPILER_FLAGS = {
@@ -94,30 +92,20 @@ def parallel_model_trace(func, example_inputs, compiler_workdir=None, compiler_a
     out_dir.mkdir(parents=True)
     workers = min(max_parallel_compilations, tp_degree)
     intra_op = max(1, (os.cpu_count() or 1) // workers)
-    results = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                                max_tasks_per_child=1) as pool:
-        futures = {pool.submit(trace_rank, func, rank, tp_degree, examples, func_kwargs, inline_weights_to_neff,
-                               options, str(out_dir), intra_op): rank for rank in range(tp_degree)}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                results.append(future.result())
-            except Exception as exc:
-                for other in futures:
-                    other.cancel()
-                hint = ""
-                if isinstance(exc, concurrent.futures.process.BrokenProcessPool):
-                    hint = " (a trace worker died; a script that traces needs `if __name__ == '__main__':`)"
-                raise TraceError(f"tracing rank {futures[future]} failed: {type(exc).__name__}: {exc}{hint}") from exc
+    worker_args = [(func, rank, tp_degree, examples, func_kwargs, inline_weights_to_neff, options, str(out_dir),
+                    intra_op) for rank in range(tp_degree)]
+    results = run_trace_workers(worker_args, workers)
     results.sort(key=lambda r: r["rank"])
     if bucket_config is not None:
         bucket_config.scripted_kernel().save(str(out_dir / "bucket_kernel.pt"))
-    files = [f for r in results for f in r["files"]] + (["bucket_kernel.pt"] if bucket_config else [])
-    artifacts.write_manifest(out_dir, tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff),
+    files = {name: digest for r in results for name, digest in r["files"].items()}
+    if bucket_config is not None:
+        files["bucket_kernel.pt"] = artifacts.sha256(out_dir / "bucket_kernel.pt")
+    manifest = artifacts.write_manifest(out_dir, tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff),
                              buckets=signatures, aliases=results[0]["aliases"], files=files,
                              extra={"trace_timing": [{k: v for k, v in r.items() if k not in ("files", "aliases")}
                                                     for r in results]})
-    model = parallel_model_load(out_dir)
+    model = TensorParallelModel(out_dir, manifest)  # just written and hashed: no need to re-verify
     if temporary:  # the temp dir lives as long as the model (save copies from it)
         weakref.finalize(model, shutil.rmtree, workdir, True)
     return model
@@ -129,11 +117,9 @@ def parallel_model_save(model: TensorParallelModel, save_dir) -> None:
         return neuron.module("trace").parallel_model_save(model, save_dir)
     if not isinstance(model, TensorParallelModel):
         raise TypeError(f"expected a TensorParallelModel, got {type(model).__name__}")
-    source = model.load_dir
-    manifest = artifacts.read_verified_manifest(source)
-    target = Path(save_dir)
+    source, target = model.load_dir, Path(save_dir)
     if target.resolve() != source.resolve():
-        artifacts.copy_artifacts(source, target, manifest)
+        artifacts.copy_artifacts(source, target, model.manifest)
 
 
 def parallel_model_load(load_dir, *, tp_degree: int | None = None,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.connection
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import artifacts, collectives
+from .errors import TraceError
 from .model import set_tensor
 from .parallel_layers import parallel_state
 
@@ -55,7 +59,7 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     rank_path = artifacts.rank_dir(root, rank)
     rank_path.mkdir(parents=True, exist_ok=True)
     log = open(rank_path / "trace.log", "w")
-    files, aliases, weight_shapes = [], {}, None
+    files, aliases, weight_shapes = {}, {}, None
     built_with, build_mb = None, 0.0
     for bucket, (example, kwargs) in enumerate(zip(examples, func_kwargs, strict=True)):
         t0 = time.time()
@@ -77,14 +81,14 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
             shapes = {name: tuple(t.shape) for name, t in tensors.items()}
             if weight_shapes is None:
                 save_file(tensors, str(root / artifacts.weights_file(rank)))
-                files.append(artifacts.weights_file(rank))
+                files[artifacts.weights_file(rank)] = artifacts.sha256(root / artifacts.weights_file(rank))
                 weight_shapes = shapes
             elif shapes != weight_shapes:
                 raise ValueError(f"bucket {bucket} builds weights that differ from bucket 0's; buckets share weights")
             for name, tensor in tensors.items():
                 set_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
         torch.jit.save(traced, str(root / artifacts.bucket_file(rank, bucket)))
-        files.append(artifacts.bucket_file(rank, bucket))
+        files[artifacts.bucket_file(rank, bucket)] = artifacts.sha256(root / artifacts.bucket_file(rank, bucket))
         line = f"rank {rank} bucket {bucket} {[tuple(x.shape) for x in example]}: traced in {time.time() - t0:.2f}s"
         log.write(line + "\n")
         print(f"[tpserve] {line}", file=sys.stderr, flush=True)
@@ -93,3 +97,46 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     timing = {"rank": rank, "start": started, "end": time.time(), "build_peak_rss_mb": round(build_mb, 1)}
     (rank_path / "trace_timing.json").write_text(json.dumps(timing))
     return {"rank": rank, "files": files, "aliases": aliases, **timing}
+
+
+def _worker_main(conn, args: tuple) -> None:
+    try:
+        conn.send((True, trace_rank(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as text (may not pickle)
+        conn.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+        os._exit(0)  # skip interpreter teardown (~1.4 s with torch loaded): the result is sent
+
+
+def run_trace_workers(worker_args: list[tuple], max_running: int) -> list[dict]:
+    """One fresh spawned process per rank, at most `max_running` alive at once."""
+    context = multiprocessing.get_context("spawn")
+    pending, running, results, started = list(worker_args), {}, [], []
+    try:
+        while pending or running:
+            while pending and len(running) < max_running:
+                args = pending.pop(0)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker_main, args=(sender, args), daemon=True)
+                process.start()
+                sender.close()
+                running[receiver] = (args[1], process)
+                started.append(process)
+            for receiver in multiprocessing.connection.wait(list(running)):
+                rank, process = running.pop(receiver)
+                try:
+                    ok, value = receiver.recv()
+                except EOFError:
+                    process.join()
+                    ok, value = False, (f"trace worker died (exit code {process.exitcode}); a script that "
+                                        "traces needs `if __name__ == '__main__':`")
+                if not ok:
+                    raise TraceError(f"tracing rank {rank} failed: {value}")
+                results.append(value)
+    finally:
+        for process in started:
+            if process.is_alive() and any(process is p for _, p in running.values()):
+                process.kill()
+            process.join()
+    return results
