@@ -18,43 +18,10 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 import tracer
+from handler.request_parsing import RequestError, parse_texts
 from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], bool]:
-    """(texts, answer_is_list) from one request body, or RequestError."""
-    if isinstance(value, (bytes, bytearray)):
-        if "json" in content_type:
-            raise RequestError(400, "body is not valid JSON")
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(400, "body is not valid UTF-8") from None
-    if isinstance(value, str):
-        texts, as_list = [value], False
-    elif isinstance(value, dict) and set(value) == {"inputs"}:
-        inputs = value["inputs"]
-        if isinstance(inputs, str):
-            texts, as_list = [inputs], False
-        elif isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs):
-            texts, as_list = inputs, True
-        else:
-            raise RequestError(400, '"inputs" must be a string or a non-empty list of strings')
-    else:
-        raise RequestError(400, 'expected a text/plain body or JSON {"inputs": "text" | ["text", ...]}')
-    if len(texts) > max_inputs:
-        raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs}")
-    if any(not t.strip() for t in texts):
-        raise RequestError(400, "empty text")
-    return texts, as_list
 
 
 class EmbeddingHandler(BaseHandler):
@@ -71,6 +38,11 @@ class EmbeddingHandler(BaseHandler):
         self.too_long = settings.get("too_long", "truncate")
         if self.too_long not in ("truncate", "reject"):
             raise ValueError(f"handler.too_long must be truncate or reject, got {self.too_long!r}")
+        for bucket in self.buckets:  # warm up: the first runs of a traced graph are slow
+            for rows in sorted({1, self.batch_size}):
+                ones = torch.ones(rows, bucket, dtype=torch.long)
+                for _ in range(2):
+                    self.model(ones, ones)
         logger.info("tpserve: loaded tp=%d buckets=%s batch=%d in %.1fs", self.model.tp_degree, self.buckets,
                     self.batch_size, time.time() - started)
         self.initialized = True
@@ -115,8 +87,11 @@ class EmbeddingHandler(BaseHandler):
         answers: list = [None] * len(data)
         pending = []  # (request index, texts, as_list, truncated)
         for idx, row in enumerate(data):
-            value = row.get("body", row.get("data")) if isinstance(row, dict) else row
-            content_type = (context.get_request_header(idx, "Content-Type") or "").lower()
+            if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{"inputs": [...]}'}
+                value, content_type = row["json"], "application/json"
+            else:
+                value = row.get("body", row.get("data")) if isinstance(row, dict) else row
+                content_type = (context.get_request_header(idx, "Content-Type") or "").lower()
             try:
                 texts, as_list = parse_texts(value, content_type, self.max_inputs)
                 ids, truncated = self._token_ids(texts)

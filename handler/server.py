@@ -1,0 +1,183 @@
+"""Start and stop TorchServe for tpserve, owning the process (no global pid file in /tmp).
+
+    python -m handler.server start [--config config.properties] [--model-store model_store] [--log-dir logs]
+    python -m handler.server stop  [--log-dir logs]
+
+`start` runs TorchServe's Java frontend directly (as the `torchserve` script would), in its own
+session, writes its PID to LOG_DIR/torchserve.pid, and waits until every model is READY.
+`stop` sends SIGTERM, waits for the frontend and every worker it started to exit, and SIGKILLs
+only those same PIDs if they outlive the timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def java_command(config: Path, model_store: Path) -> list[str]:
+    import ts
+
+    ts_home = Path(ts.__file__).resolve().parent.parent
+    java = shutil.which("java") or "java"
+    if os.environ.get("JAVA_HOME"):
+        java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
+    return [java, f"-Dmodel_server_home={ts_home}", "-cp", f".:{ts_home / 'ts' / 'frontend' / '*'}",
+            "org.pytorch.serve.ModelServer", "--python", sys.executable, "-f", str(config), "-s", str(model_store),
+            "-ncs"]
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, ""
+
+
+def models_ready(management: str) -> bool:
+    status, body = _get(f"{management}/models")
+    if status != 200:
+        return False
+    names = [m["modelName"] for m in json.loads(body).get("models", [])]
+    for name in names:
+        status, body = _get(f"{management}/models/{name}")
+        workers = json.loads(body)[0].get("workers", []) if status == 200 else []
+        if not workers or any(w.get("status") != "READY" for w in workers):
+            return False
+    return bool(names)
+
+
+def _worker_failure(log_dir: Path) -> str | None:
+    """The worker's last error line once it has died repeatedly while loading (TorchServe would
+    retry forever), else None."""
+    log = log_dir / "model_log.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if text.count("Backend worker process died") < 3:
+        return None
+    errors = [line.split("MODEL_LOG - ", 1)[-1] for line in text.splitlines() if "Error" in line]
+    return errors[-1] if errors else "worker died"
+
+
+def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600) -> subprocess.Popen:
+    """Start TorchServe and wait until every model is READY; raises (after stopping it) otherwise."""
+    props = read_properties(config)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LOG_LOCATION=str(log_dir), METRICS_LOCATION=str(log_dir))
+    with open(log_dir / "torchserve.out", "ab") as out:
+        process = subprocess.Popen(java_command(config.resolve(), model_store.resolve()), cwd=log_dir, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    (log_dir / "torchserve.pid").write_text(str(process.pid))
+    management = props["management_address"]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with code {process.returncode}; see {log_dir}/torchserve.out")
+        if models_ready(management):
+            return process
+        if failure := _worker_failure(log_dir):
+            stop(process.pid)
+            raise RuntimeError(f"the model's worker keeps dying: {failure}")
+        time.sleep(0.5)
+    stop(process.pid)
+    raise TimeoutError(f"models not READY after {timeout_s:.0f}s; see {log_dir}/model_log.log")
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running. A zombie has exited (its new parent, init, reaps it) and counts as gone."""
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    deadline = time.time() + timeout_s
+    while (alive := _running(processes)) and time.time() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def stop(pid: int, timeout_s: float = 60) -> list[int]:
+    """SIGTERM TorchServe, wait for it and its workers; returns PIDs that had to be SIGKILLed."""
+    try:
+        frontend = psutil.Process(pid)
+        ours = [frontend, *frontend.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    frontend.send_signal(signal.SIGTERM)
+    alive = _wait_gone(ours, timeout_s)
+    for process in alive:
+        process.kill()
+    _wait_gone(alive, 10)
+    return [p.pid for p in alive]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m handler.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("--config", type=Path, default=Path("config.properties"))
+    parser.add_argument("--model-store", type=Path, default=None, help="default: model_store from --config")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"))
+    args = parser.parse_args(argv)
+    pid_file = args.log_dir / "torchserve.pid"
+    if args.command == "stop":
+        if not pid_file.is_file():
+            print("TorchServe is not running (no logs/torchserve.pid)")
+            return 0
+        killed = stop(int(pid_file.read_text()))
+        pid_file.unlink()
+        print("TorchServe stopped" + (f" (SIGKILLed {killed})" if killed else ""))
+        return 0
+    if pid_file.is_file() and psutil.pid_exists(int(pid_file.read_text())):
+        print(f"TorchServe is already running (pid {pid_file.read_text()}); `make stop` first")
+        return 1
+    props = read_properties(args.config)
+    store = args.model_store or Path(props.get("model_store", "model_store"))
+    try:
+        process = start(args.config, store, args.log_dir)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    inference = props["inference_address"]
+    model = re.sub(r"\.mar$", "", props.get("load_models", "minilm").split(",")[0])
+    print(f"TorchServe is up (pid {process.pid}); logs in {args.log_dir}/\n")
+    print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: text/plain' "
+          "--data 'tensor parallel inference on CPU'")
+    print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: application/json' "
+          """--data '{"inputs": ["first text", "second text"]}'""")
+    print("  .venv/bin/python -m handler.grpc_client 'some text'\n\nStop it with: make stop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

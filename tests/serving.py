@@ -1,0 +1,92 @@
+"""A real TorchServe on free 127.0.0.1 ports in a temp dir, for serving tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from handler import server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def build_mar(store: Path, name: str = "minilm", tp: int = 2, batch_size: int = 4, extra: list[str] = ()) -> Path:
+    subprocess.run([sys.executable, "-m", "tracer", "build", "--tp-degree", str(tp), "--batch-size", str(batch_size),
+                    "--model-name", name, "--export-path", str(store), *extra], check=True, capture_output=True)
+    return store / f"{name}.mar"
+
+
+def write_config(path: Path, store: Path, model: str) -> dict[str, int]:
+    """The project's config.properties with free ports and this store."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    ports = {"inference": inference, "management": management, "metrics": metrics, "grpc": grpc_inference}
+    text = (ROOT / "config.properties").read_text()
+    for key, port in [("inference_address", inference), ("management_address", management),
+                      ("metrics_address", metrics)]:
+        text = re.sub(rf"^{key}=http://127.0.0.1:\d+", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^grpc_inference_port=\d+", f"grpc_inference_port={grpc_inference}", text, flags=re.M)
+    text = re.sub(r"^grpc_management_port=\d+", f"grpc_management_port={grpc_management}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*", f"model_store={store}", text, flags=re.M)
+    text = re.sub(r"^load_models=.*", f"load_models={model}.mar", text, flags=re.M)
+    path.write_text(text)
+    return ports
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    ports: dict[str, int]
+    log_dir: Path
+    model: str = "minilm"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}/predictions/{self.model}"
+
+    def post(self, body: bytes | str, content_type: str = "text/plain", timeout: float = 60):
+        """(status, headers, parsed JSON or raw text)"""
+        data = body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(self.url, data=data, method="POST", headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, headers, raw = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, raw = exc.code, dict(exc.headers), exc.read()
+        try:
+            return status, headers, json.loads(raw)
+        except ValueError:
+            return status, headers, raw.decode(errors="replace")
+
+    def our_processes(self) -> list[psutil.Process]:
+        frontend = psutil.Process(self.process.pid)
+        return [frontend, *frontend.children(recursive=True)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            server.stop(self.process.pid)
+            self.process.wait(timeout=30)
+
+
+def start_server(tmp: Path, store: Path, model: str = "minilm") -> Server:
+    ports = write_config(tmp / "config.properties", store, model)
+    process = server.start(tmp / "config.properties", store, tmp / "logs", timeout_s=300)
+    return Server(process, ports, tmp / "logs", model)
