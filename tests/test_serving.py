@@ -14,6 +14,8 @@ from conftest import MINILM_DIR
 from serving import build_mar, start_server
 
 from handler import grpc_client
+from handler.embedder import Embedder
+from handler.request_parsing import RequestError
 
 WORDS = "serving sharded transformer models with bucketed traced graphs keeps latency low".split()
 # 1 to 80 words: up to 120 tokens, every bucket, nothing truncated
@@ -21,9 +23,14 @@ MIXED = [" ".join((WORDS * 20)[:n]) for n in (1, 3, 7, 12, 20, 33, 50, 64, 80, 6
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def store(tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     build_mar(store, batch_size=4)
+    return store
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, store):
     srv = start_server(tmp_path_factory.mktemp("ts"), store)
     yield srv
     srv.stop()
@@ -122,6 +129,17 @@ def test_text_longer_than_the_largest_bucket_is_truncated_with_a_header(served, 
     status, headers, body = served.post(LONG)
     assert status == 200 and headers.get("X-Tpserve-Truncated") == "true"
     assert_same(body, encode([LONG], max_seq_length=128))  # = sentence-transformers truncating to 128 tokens
+
+
+def test_too_long_can_be_rejected_with_413_instead(store):
+    embedder = Embedder(store / "minilm.shards", too_long="reject")
+    try:
+        with pytest.raises(RequestError, match="the largest bucket is 128") as error:
+            embedder.token_ids(["short", LONG])
+        assert error.value.status == 413
+        assert len(embedder.embed(["short"])[0]) == 384
+    finally:
+        embedder.close()
 
 
 def test_metrics_in_prometheus_format(served):

@@ -1,0 +1,91 @@
+"""Texts -> sentence embeddings with a tensor-parallel model from `python -m tracer`: tokenize,
+put each text in the smallest bucket that fits, run one sub-batch per bucket.
+
+Grouping by bucket means a short text is never padded to the longest text of its batch; results
+equal sending each text alone (padding is masked out) and come back in input order. Used by the
+TorchServe handler and, without a server, in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import tracer
+from handler.request_parsing import RequestError
+from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
+
+
+class Embedder:
+    def __init__(self, model_dir, tp_degree: int | None = None, too_long: str = "truncate") -> None:
+        model_dir = Path(model_dir)
+        info = json.loads((model_dir / MODEL_INFO).read_text())
+        if too_long not in ("truncate", "reject"):
+            raise ValueError(f"too_long must be truncate or reject, got {too_long!r}")
+        self.model = tracer.parallel_model_load(model_dir, tp_degree=tp_degree)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.buckets: list[int] = info["buckets"]
+        self.batch_size: int = info["batch_size"]
+        self.too_long = too_long
+
+    def warm_up(self) -> None:
+        """The first runs of a traced graph are slow (profiling): run every bucket twice first."""
+        for bucket in self.buckets:
+            for rows in sorted({1, self.batch_size}):
+                ones = torch.ones(rows, bucket, dtype=torch.long)
+                for _ in range(2):
+                    self.model(ones, ones)
+
+    def token_ids(self, texts: list[str]) -> tuple[list[list[int]], bool]:
+        """Token ids per text, and whether any was truncated. Longer than the largest bucket:
+        truncate (keeping the final [SEP], as sentence-transformers does) or RequestError 413."""
+        limit = self.buckets[-1]
+        encoded = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if too_long and self.too_long == "reject":
+            raise RequestError(413, f"text {too_long[0]} has {len(encoded[too_long[0]])} tokens; "
+                                    f"the largest bucket is {limit}")
+        return [ids[:limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded], bool(too_long)
+
+    def embed_ids(self, token_ids: list[list[int]], metrics=None) -> list[list[float]]:
+        """Embeddings in input order; one sub-batch (of at most batch_size) per bucket."""
+        by_bucket: dict[int, list[int]] = defaultdict(list)
+        for i, ids in enumerate(token_ids):
+            by_bucket[next(b for b in self.buckets if len(ids) <= b)].append(i)
+        results: list = [None] * len(token_ids)
+        for bucket, members in sorted(by_bucket.items()):
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                ids = torch.zeros(len(chunk), bucket, dtype=torch.long)
+                mask = torch.zeros(len(chunk), bucket, dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+                    mask[row, :len(token_ids[i])] = 1
+                started = time.perf_counter()
+                out = self.model(ids, mask)
+                if metrics is not None:
+                    _report(metrics, bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
+                            (time.perf_counter() - started) * 1000)
+                for row, i in enumerate(chunk):
+                    results[i] = out[row].tolist()
+        return results
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return self.embed_ids(self.token_ids(texts)[0])
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _report(metrics, bucket: int, rows: int, real_tokens: int, model_ms: float) -> None:
+    """TorchServe metrics (Prometheus on the metrics port): requests per bucket, padding, model time."""
+    from ts.metrics.dimension import Dimension
+
+    dims = [Dimension("bucket", str(bucket))]
+    metrics.add_counter("RequestsPerBucket", rows, dimensions=dims)
+    metrics.add_percent("PaddingFraction", 100 * (1 - real_tokens / (bucket * rows)), dimensions=dims)
+    metrics.add_time("ModelTime", model_ms, unit="ms", dimensions=dims)
