@@ -21,12 +21,13 @@ from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
 
 
 class Embedder:
-    def __init__(self, model_dir, tp_degree: int | None = None, too_long: str = "truncate") -> None:
+    def __init__(self, model_dir, tp_degree: int | None = None, too_long: str = "truncate",
+                 executor: str = "threads") -> None:
         model_dir = Path(model_dir)
         info = json.loads((model_dir / MODEL_INFO).read_text())
         if too_long not in ("truncate", "reject"):
             raise ValueError(f"too_long must be truncate or reject, got {too_long!r}")
-        self.model = tracer.parallel_model_load(model_dir, tp_degree=tp_degree)
+        self.model = tracer.parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor)
         self.tokenizer = load_tokenizer(model_dir)
         self.buckets: list[int] = info["buckets"]
         self.batch_size: int = info["batch_size"]

@@ -24,13 +24,16 @@ logger = logging.getLogger(__name__)
 class EmbeddingHandler(BaseHandler):
     def initialize(self, context) -> None:
         started = time.time()
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        config = getattr(context, "model_yaml_config", None) or {}
+        settings = config.get("handler", {})
+        # TorchServe's torchrun mode (parallelType tp): this worker is one rank; torchrun made the group
+        executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
         self.embedder = Embedder(Path(context.system_properties["model_dir"]), tp_degree=settings.get("tp_degree"),
-                                 too_long=settings.get("too_long", "truncate"))
+                                 too_long=settings.get("too_long", "truncate"), executor=executor)
         self.max_inputs = int(settings.get("max_inputs_per_request", 64))
         self.embedder.warm_up()
-        logger.info("tpserve: loaded tp=%d buckets=%s batch=%d in %.1fs", self.embedder.model.tp_degree,
-                    self.embedder.buckets, self.embedder.batch_size, time.time() - started)
+        logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s in %.1fs", self.embedder.model.tp_degree,
+                    self.embedder.buckets, self.embedder.batch_size, executor, time.time() - started)
         self.initialized = True
 
     def handle(self, data, context):

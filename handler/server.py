@@ -71,14 +71,18 @@ def models_ready(management: str) -> bool:
     return bool(names)
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
 def _worker_failure(log_dir: Path) -> str | None:
-    """The worker's last error line once it has died repeatedly while loading (TorchServe would
+    """The last error line once a model's worker has failed to start 3 times (TorchServe would
     retry forever), else None."""
-    log = log_dir / "model_log.log"
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    if text.count("Backend worker process died") < 3:
+    model_log, ts_log = _read(log_dir / "model_log.log"), _read(log_dir / "ts_log.log")
+    if model_log.count("Backend worker process died") < 3 and ts_log.count("Retry worker") < 3:
         return None
-    errors = [line.split("MODEL_LOG - ", 1)[-1] for line in text.splitlines() if "Error" in line]
+    errors = [line.split(" - ", 1)[-1] for line in (model_log + ts_log).splitlines()
+              if "Error" in line or "Exception" in line]
     return errors[-1] if errors else "worker died"
 
 
@@ -86,7 +90,9 @@ def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600
     """Start TorchServe and wait until every model is READY; raises (after stopping it) otherwise."""
     props = read_properties(config)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, LOG_LOCATION=str(log_dir), METRICS_LOCATION=str(log_dir))
+    # the venv's bin first: TorchServe's torchrun mode execs `torchrun` by name
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, LOG_LOCATION=str(log_dir), METRICS_LOCATION=str(log_dir), PATH=path)
     with open(log_dir / "torchserve.out", "ab") as out:
         process = subprocess.Popen(java_command(config.resolve(), model_store.resolve()), cwd=log_dir, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -38,6 +38,8 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                    help="default: NAME.mar; no-archive: a folder (large models)")
     p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms")
+    p.add_argument("--torchrun", action="store_true",
+                   help="TorchServe torchrun mode: one process per rank (parallelType tp) instead of rank threads")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("archive", "build"):
             from .archive import build_archive
 
-            target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay)
+            target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay,
+                                   args.torchrun)
             print(f"wrote {target}")
     except (UsageError, TpServeError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

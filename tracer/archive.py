@@ -21,9 +21,10 @@ from .hf_checkpoint import MODEL_INFO, UsageError
 HANDLER = Path(__file__).resolve().parent.parent / "handler" / "embedding_handler.py"
 
 
-def model_config(info: dict, max_batch_delay_ms: int) -> dict:
-    """model-config.yaml: TorchServe's worker settings plus our handler's."""
-    return {
+def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) -> dict:
+    """model-config.yaml: TorchServe's worker settings plus our handler's. torchrun=True: TorchServe
+    starts each worker as tp_degree processes with torchrun, one rank each (parallelType tp)."""
+    config = {
         "minWorkers": 1,
         "maxWorkers": 1,
         "batchSize": info["batch_size"],
@@ -37,10 +38,16 @@ def model_config(info: dict, max_batch_delay_ms: int) -> dict:
             "too_long": "truncate",  # or "reject" (413)
         },
     }
+    if torchrun:
+        config["parallelType"] = "tp"
+        # rendezvous on loopback with a free port (as `torchrun --standalone`), not the fixed 29400
+        config["torchrun"] = {"nproc-per-node": info["tp_degree"], "rdzv-endpoint": "127.0.0.1:0",
+                              "master-addr": "127.0.0.1"}
+    return config
 
 
 def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
-                  max_batch_delay_ms: int = 5) -> Path:
+                  max_batch_delay_ms: int = 5, torchrun: bool = False) -> Path:
     if not (shards / MANIFEST).is_file() or not (shards / MODEL_INFO).is_file():
         raise UsageError(f"{shards}: not a traced shards folder (run `python -m tracer trace` first)")
     if archive_format not in ("default", "no-archive"):
@@ -51,7 +58,7 @@ def build_archive(shards: Path, model_name: str, export_path: Path, archive_form
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(info, max_batch_delay_ms), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config(info, max_batch_delay_ms, torchrun), sort_keys=False))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
                    "--version", "1.0", "--handler", str(HANDLER), "--extra-files", str(shards),
                    "--config-file", str(config_file), "--export-path", str(export_path),

@@ -84,6 +84,7 @@ def bind_trace() -> None:
 create_group = _ops._create_group
 destroy_group = _ops._destroy_group
 bind = _ops._bind
+bind_process_group = _ops._bind_process_group  # c10d group name: collectives run on torch.distributed
 unbind = _ops._unbind
 abort = _ops._abort
 reset = _ops._reset

@@ -60,5 +60,13 @@ class RankExecutionError(TpServeError, RuntimeError):
     """A rank failed while running a request; the other ranks were released."""
 
 
+class RankDiedError(RankExecutionError):
+    """A rank process exited; the model cannot serve until it is loaded again."""
+
+
+class RankTimeoutError(RankExecutionError):
+    """A rank did not answer within the collective timeout (hung or deadlocked)."""
+
+
 class ModelClosedError(TpServeError, RuntimeError):
     """The TensorParallelModel was closed."""

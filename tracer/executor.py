@@ -23,7 +23,7 @@ _group_ids = itertools.count()
 
 
 class RankThreads:
-    def __init__(self, tp_degree: int, threads_per_rank: int, collective_timeout_s: float = 120.0) -> None:
+    def __init__(self, tp_degree: int, threads_per_rank: int, collective_timeout_s: float = 30.0) -> None:
         self.tp_degree = tp_degree
         self.threads_per_rank = threads_per_rank
         self.group = f"tpserve-{id(self):x}-{next(_group_ids)}"

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from . import artifacts
 from .errors import BucketSelectionError, InputSignatureError, ModelClosedError
-from .executor import RankThreads
+
+EXECUTORS = ("threads", "processes", "torchrun")
 
 
 def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
@@ -31,44 +32,78 @@ def set_tensor(module: torch.jit.ScriptModule, dotted: str, value: torch.Tensor)
     owner._c.setattr(leaf, value)
 
 
+class RankShard:
+    """One rank's traced graphs (one per bucket, sharing one copy of the weights) and its states."""
+
+    def __init__(self, load_dir: Path, manifest: dict, rank: int, device: str = "cpu") -> None:
+        buckets = range(len(manifest["buckets"]))
+        self.graphs = [torch.jit.load(str(load_dir / artifacts.bucket_file(rank, b)), map_location=device)
+                       for b in buckets]
+        if not manifest["inline_weights"]:
+            shared = load_file(str(load_dir / artifacts.weights_file(rank)), device=device)
+        else:  # state tensors must still be one per rank, whichever bucket updates them
+            shared = {name: get_tensor(self.graphs[0], name) for name in manifest["aliases"]}
+        for graph in self.graphs:
+            for name, tensor in shared.items():
+                set_tensor(graph, name, tensor)
+            graph.eval()
+        self.states = [(get_tensor(self.graphs[0], name), index) for name, index in manifest["aliases"].items()]
+
+    def run(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+        output = self.graphs[bucket](*inputs)
+        for state, index in self.states:  # input->output aliases: keep the update for the next call
+            state.copy_(output[index])
+        return output
+
+
 class TensorParallelModel(torch.nn.Module):
     """Runs all ranks for each call and returns rank 0's output. Safe under concurrent callers
-    (calls are serialised: the ranks already use every core). close() or `with` releases threads."""
+    (calls are serialised: the ranks already use every core). close() or `with` releases the ranks.
 
-    def __init__(self, load_dir: Path, manifest: dict, threads_per_rank: int | None = None) -> None:
+    executor="threads" (default): every rank a thread of this process (one host, CPU).
+    executor="processes": one process per rank over torch.distributed (gloo on CPU, NCCL on CUDA
+    with rank r on cuda:r); each process loads only its own shard.
+    executor="torchrun": this process is one rank of a group torchrun started; it loads only its
+    own shard and returns its own output (rank 0's is the answer).
+    """
+
+    def __init__(self, load_dir: Path, manifest: dict, threads_per_rank: int | None = None,
+                 executor: str = "threads", device: str = "cpu", collective_timeout_s: float = 30.0) -> None:
         super().__init__()
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        if device != "cpu" and executor != "processes":
+            raise ValueError(f"device {device!r} needs executor='processes'")
         self.load_dir = Path(load_dir)
         self.manifest = manifest
         self.tp_degree = int(manifest["tp_degree"])
         self.buckets = manifest["buckets"]
+        self.device = device
         self._lock = threading.Lock()
         self._closed = False
-        self._ranks = [self._load_rank(rank) for rank in range(self.tp_degree)]
-        self._states = [[(get_tensor(mods[0], name), index) for name, index in manifest["aliases"].items()]
-                        for mods in self._ranks]
         kernel = manifest.get("bucket_kernel")
         self._kernel = torch.jit.load(str(self.load_dir / kernel)) if kernel else None
-        if threads_per_rank is None:
-            threads_per_rank = max(1, torch.get_num_threads() // self.tp_degree)
-        self._executor = RankThreads(self.tp_degree, threads_per_rank)
+        if executor == "threads":
+            from .executor import RankThreads
 
-    def _load_rank(self, rank: int) -> list[torch.jit.ScriptModule]:
-        modules = [torch.jit.load(str(self.load_dir / artifacts.bucket_file(rank, b)), map_location="cpu")
-                   for b in range(len(self.buckets))]
-        if not self.manifest["inline_weights"]:
-            shared = load_file(str(self.load_dir / artifacts.weights_file(rank)))
-        else:  # state tensors must still be one per rank, whichever bucket updates them
-            shared = {name: get_tensor(modules[0], name) for name in self.manifest["aliases"]}
-        for module in modules:
-            for name, tensor in shared.items():
-                set_tensor(module, name, tensor)
-        for module in modules:
-            module.eval()
-        return modules
+            if threads_per_rank is None:
+                threads_per_rank = max(1, torch.get_num_threads() // self.tp_degree)
+            self._ranks = [RankShard(self.load_dir, manifest, rank) for rank in range(self.tp_degree)]
+            self._executor = RankThreads(self.tp_degree, threads_per_rank, collective_timeout_s)
+        elif executor == "processes":
+            from .process_executor import RankProcesses
+
+            self._ranks = []
+            self._executor = RankProcesses(self.load_dir, manifest, device, threads_per_rank, collective_timeout_s)
+        else:
+            from .torchrun_executor import TorchrunRank
+
+            self._ranks = []
+            self._executor = TorchrunRank(self.load_dir, manifest, device, collective_timeout_s)
 
     def rank_modules(self, rank: int) -> list[torch.jit.ScriptModule]:
-        """The traced graphs of one rank, one per bucket (for inspection)."""
-        return list(self._ranks[rank])
+        """The traced graphs of one rank, one per bucket (rank threads only; for inspection)."""
+        return list(self._ranks[rank].graphs)
 
     def select_bucket(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         if self._kernel is None:
@@ -97,14 +132,9 @@ class TensorParallelModel(torch.nn.Module):
             if self._closed:
                 raise ModelClosedError("this TensorParallelModel is closed")
             padded, bucket = self.select_bucket(list(inputs))
-
-            def run_rank(rank: int) -> Any:
-                output = self._ranks[rank][bucket](*padded)
-                for state, index in self._states[rank]:  # input->output aliases: keep the update
-                    state.copy_(output[index])
-                return output
-
-            return self._executor.run(run_rank)[0]
+            if self._ranks:
+                return self._executor.run(lambda rank: self._ranks[rank].run(bucket, padded))[0]
+            return self._executor.run_bucket(bucket, padded)
 
     def close(self) -> None:
         with self._lock:
@@ -128,5 +158,5 @@ class TensorParallelModel(torch.nn.Module):
         shapes = [tuple(b["inputs"][0]["shape"]) for b in self.buckets]
         return (f"tp_degree={self.tp_degree}, buckets={len(self.buckets)} {shapes}, "
                 f"inline_weights={self.manifest['inline_weights']}, backend={self.manifest['backend']}, "
-                f"threads_per_rank={self._executor.threads_per_rank}, dir='{self.load_dir}'"
+                f"executor={type(self._executor).__name__}, device={self.device}, dir='{self.load_dir}'"
                 + (", closed" if self._closed else ""))

@@ -122,12 +122,19 @@ def parallel_model_save(model: TensorParallelModel, save_dir) -> None:
         artifacts.copy_artifacts(source, target, model.manifest)
 
 
-def parallel_model_load(load_dir, *, tp_degree: int | None = None,
-                        threads_per_rank: int | None = None) -> TensorParallelModel:
+def parallel_model_load(load_dir, *, tp_degree: int | None = None, threads_per_rank: int | None = None,
+                        executor: str = "threads", device: str = "cpu",
+                        collective_timeout_s: float = 30.0) -> TensorParallelModel:
     """Load a saved model; verifies the manifest, rank directories and checksums first.
-    threads_per_rank defaults to this process's intra-op threads divided by tp_degree."""
+
+    executor: "threads" (default; ranks as threads of this process) or "processes" (one process per
+    rank over torch.distributed: gloo for device="cpu", NCCL for device="cuda" with rank r on cuda:r).
+    threads_per_rank defaults to this process's intra-op threads divided by tp_degree. A rank that
+    dies or hangs makes the next call raise (RankDiedError / RankTimeoutError) within
+    collective_timeout_s."""
     root = Path(load_dir)
     if neuron.available() and not (root / artifacts.MANIFEST).exists():
         return neuron.module("trace").parallel_model_load(str(root))
     manifest = artifacts.read_verified_manifest(root, tp_degree=tp_degree)
-    return TensorParallelModel(root, manifest, threads_per_rank=threads_per_rank)
+    return TensorParallelModel(root, manifest, threads_per_rank=threads_per_rank, executor=executor, device=device,
+                               collective_timeout_s=collective_timeout_s)

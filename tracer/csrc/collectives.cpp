@@ -4,9 +4,12 @@
 // to a group and a rank; the op then exchanges tensors with the other rank threads through shared
 // slots and a spin barrier (a few microseconds; a Python barrier costs ~150 us). While tracing, a
 // thread binds "trace mode": the op returns a tensor of the right shape without communicating, so
-// ranks can be traced one at a time. The group name is an op argument so that a process executor
-// can resolve the same saved graph to a torch.distributed process group.
+// ranks can be traced one at a time. In a process executor (one process per rank) the thread binds
+// a torch.distributed process group by name, and the same saved graph's ops run c10d's functional
+// collectives (gloo on CPU, NCCL on CUDA).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -35,7 +38,7 @@ struct Group {
 std::mutex registry_mutex;
 std::unordered_map<std::string, std::shared_ptr<Group>> registry;
 
-enum class Mode { Unbound, Trace, Bound };
+enum class Mode { Unbound, Trace, Bound, ProcessGroup };
 thread_local Mode mode = Mode::Unbound;
 thread_local std::shared_ptr<Group> bound_group;
 thread_local std::string bound_name;
@@ -93,8 +96,23 @@ struct Timer {
   }
 };
 
+// Calls a _c10d_functional op on the bound process group, then waits for its result.
+at::Tensor c10d_call(const char* op, std::vector<c10::IValue> args) {
+  static const auto wait = c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
+  torch::jit::Stack stack(std::move(args));
+  handle.callBoxed(stack);
+  torch::jit::Stack waited{stack[0]};
+  wait.callBoxed(waited);
+  return waited[0].toTensor();
+}
+
 at::Tensor all_reduce(const at::Tensor& x, c10::string_view group, int64_t rank, int64_t world) {
   if (mode == Mode::Trace) return x.clone();
+  if (mode == Mode::ProcessGroup) {
+    Timer timer;
+    return c10d_call("_c10d_functional::all_reduce", {x.contiguous(), std::string("sum"), bound_name});
+  }
   Timer timer;
   Group& g = group_for("all_reduce", rank, world);
   g.slots[rank] = x.contiguous();
@@ -110,6 +128,11 @@ at::Tensor all_reduce(const at::Tensor& x, c10::string_view group, int64_t rank,
 at::Tensor all_gather(const at::Tensor& x, int64_t dim, c10::string_view group, int64_t rank,
                       int64_t world) {
   if (mode == Mode::Trace) return at::cat(std::vector<at::Tensor>(world, x), dim);
+  if (mode == Mode::ProcessGroup) {
+    Timer timer;
+    auto stacked = c10d_call("_c10d_functional::all_gather_into_tensor", {x.contiguous(), world, bound_name});
+    return at::cat(stacked.chunk(world, 0), dim);  // [world * d0, ...] -> ranks side by side on dim
+  }
   Timer timer;
   Group& g = group_for("all_gather", rank, world);
   g.slots[rank] = x.contiguous();
@@ -138,6 +161,13 @@ void bind(c10::string_view name, int64_t rank) {
   bound_name = std::string(name);
   bound_rank = rank;
   mode = Mode::Bound;
+}
+
+void bind_process_group(c10::string_view group_name) {
+  bound_group.reset();
+  bound_name = std::string(group_name);
+  bound_rank = -1;
+  mode = Mode::ProcessGroup;
 }
 
 void bind_trace() {
@@ -183,6 +213,7 @@ TORCH_LIBRARY(tpserve, m) {
   m.def("_destroy_group(str name) -> ()", &destroy_group);
   m.def("_bind(str name, int rank) -> ()", &bind);
   m.def("_bind_trace() -> ()", &bind_trace);
+  m.def("_bind_process_group(str group_name) -> ()", &bind_process_group);
   m.def("_unbind() -> ()", &unbind);
   m.def("_abort(str name) -> ()", &abort_group);
   m.def("_reset(str name) -> ()", &reset_group);
