@@ -43,7 +43,8 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+        # not torch.arange(..., device=...): tracing would bake the device into the graph
+        positions = torch.ones_like(input_ids[:1]).cumsum(dim=1) - 1
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.LayerNorm(x + self.token_type_embeddings(token_type_ids))
 
