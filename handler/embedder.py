@@ -17,6 +17,7 @@ import torch
 
 import tracer
 from handler.request_parsing import RequestError
+from tracer.errors import TpServeError
 from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
 
 
@@ -52,8 +53,10 @@ class Embedder:
                                     f"the largest bucket is {limit}")
         return [ids[:limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded], bool(too_long)
 
-    def embed_ids(self, token_ids: list[list[int]], metrics=None) -> list[list[float]]:
-        """Embeddings in input order; one sub-batch (of at most batch_size) per bucket."""
+    def embed_ids(self, token_ids: list[list[int]], metrics=None) -> list:
+        """Embeddings in input order; one sub-batch (of at most batch_size) per bucket. A sub-batch
+        that fails inside the model (e.g. RankExecutionError) yields its exception in place of each
+        of its embeddings: the rest of the batch is still answered."""
         by_bucket: dict[int, list[int]] = defaultdict(list)
         for i, ids in enumerate(token_ids):
             by_bucket[next(b for b in self.buckets if len(ids) <= b)].append(i)
@@ -67,7 +70,12 @@ class Embedder:
                     ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
                     mask[row, :len(token_ids[i])] = 1
                 started = time.perf_counter()
-                out = self.model(ids, mask)
+                try:
+                    out = self.model(ids, mask)
+                except TpServeError as exc:
+                    for i in chunk:
+                        results[i] = exc
+                    continue
                 if metrics is not None:
                     _report(metrics, bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
                             (time.perf_counter() - started) * 1000)
@@ -76,7 +84,11 @@ class Embedder:
         return results
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        return self.embed_ids(self.token_ids(texts)[0])
+        results = self.embed_ids(self.token_ids(texts)[0])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     def close(self) -> None:
         self.model.close()

@@ -17,6 +17,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.embedder import Embedder
 from handler.request_parsing import RequestError, parse_texts
+from tracer.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,13 @@ class EmbeddingHandler(BaseHandler):
         settings = config.get("handler", {})
         # TorchServe's torchrun mode (parallelType tp): this worker is one rank; torchrun made the group
         executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
-        self.embedder = Embedder(Path(context.system_properties["model_dir"]), tp_degree=settings.get("tp_degree"),
-                                 too_long=settings.get("too_long", "truncate"), executor=executor)
+        model_dir = Path(context.system_properties["model_dir"])
+        try:
+            self.embedder = Embedder(model_dir, tp_degree=settings.get("tp_degree"),
+                                     too_long=settings.get("too_long", "truncate"), executor=executor)
+        except ArtifactError as exc:  # tampered, incomplete or foreign artifacts: never serve them
+            logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
+            raise
         self.max_inputs = int(settings.get("max_inputs_per_request", 64))
         self.embedder.warm_up()
         logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s in %.1fs", self.embedder.model.tp_degree,
@@ -56,6 +62,12 @@ class EmbeddingHandler(BaseHandler):
         embeddings = iter(self.embedder.embed_ids(flat, context.metrics) if flat else [])
         for idx, batch, as_list, truncated in pending:
             vectors = [next(embeddings) for _ in batch]
+            failed = next((v for v in vectors if isinstance(v, Exception)), None)
+            if failed is not None:  # the model failed (e.g. in one rank): 500 for this request only
+                message = f"model error: {failed}"
+                context.set_response_status(500, message, idx=idx)
+                answers[idx] = json.dumps({"error": message, "status": 500})
+                continue
             answers[idx] = json.dumps(vectors if as_list else vectors[0])
             if truncated:
                 context.set_response_header(idx, "X-Tpserve-Truncated", "true")

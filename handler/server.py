@@ -86,8 +86,10 @@ def _worker_failure(log_dir: Path) -> str | None:
     return errors[-1] if errors else "worker died"
 
 
-def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600) -> subprocess.Popen:
-    """Start TorchServe and wait until every model is READY; raises (after stopping it) otherwise."""
+def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600,
+          wait_for_models: bool = True) -> subprocess.Popen:
+    """Start TorchServe and wait until every model is READY (or, with wait_for_models=False, only
+    until its management API answers); raises (after stopping it) otherwise."""
     props = read_properties(config)
     log_dir.mkdir(parents=True, exist_ok=True)
     # the venv's bin first: TorchServe's torchrun mode execs `torchrun` by name
@@ -103,7 +105,7 @@ def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"TorchServe exited with code {process.returncode}; see {log_dir}/torchserve.out")
-        if models_ready(management):
+        if models_ready(management) if wait_for_models else _get(f"{management}/models")[0] == 200:
             return process
         if failure := _worker_failure(log_dir):
             stop(process.pid)

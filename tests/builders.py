@@ -107,3 +107,25 @@ class Offset(nn.Module):
 def build_offset(offset: float) -> tuple[nn.Module, dict]:
     """func_kwargs reach func: each bucket's graph returns its own `offset`."""
     return Offset(offset), {}
+
+
+class FaultInRankOne(nn.Module):
+    """A served model with a bug in rank 1 only: any token id >= 3000 makes rank 1 index out of
+    range at run time (tracing sees only ones), while rank 0 waits in the all-reduce."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.rank == 1:
+            ids = ids + torch.zeros(1, dtype=ids.dtype).index_select(0, (ids.max() // 3000).reshape(1))
+        return self.model(ids, mask)
+
+
+def build_minilm_with_fault_in_rank_one(model_dir) -> tuple[nn.Module, dict]:
+    from tracer.models.sentence import load_sentence_model
+
+    model, states = load_sentence_model(model_dir)
+    return FaultInRankOne(model).eval(), states

@@ -86,7 +86,8 @@ class Server:
             self.process.wait(timeout=30)
 
 
-def start_server(tmp: Path, store: Path, model: str = "minilm") -> Server:
+def start_server(tmp: Path, store: Path, model: str = "minilm", wait_for_models: bool = True) -> Server:
     ports = write_config(tmp / "config.properties", store, model)
-    process = server.start(tmp / "config.properties", store, tmp / "logs", timeout_s=300)
+    process = server.start(tmp / "config.properties", store, tmp / "logs", timeout_s=300,
+                           wait_for_models=wait_for_models)
     return Server(process, ports, tmp / "logs", model)

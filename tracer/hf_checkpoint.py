@@ -62,10 +62,13 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], batch_
 
 
 def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], output: Path, batch_size: int = 1,
-                     max_parallel_compilations: int | None = None) -> dict:
+                     max_parallel_compilations: int | None = None, func=None) -> dict:
+    """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model)."""
     config = check_checkpoint(model_dir, tp_degree, buckets, batch_size)
     sentence = sentence_transformers_settings(model_dir)
-    if sentence is not None:
+    if func is not None:
+        pass
+    elif sentence is not None:
         func = functools.partial(load_sentence_model, model_dir, sentence["pooling"], sentence["normalize"])
     else:
         func = functools.partial(load_bert, model_dir)

@@ -58,7 +58,15 @@ class _ParallelLayer(nn.Module):
         copy_slice(param, source)
 
 
-class ColumnParallelLinear(_ParallelLayer):
+class _ParallelLinear(_ParallelLayer):
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation (until a checkpoint is loaded)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.input_size), 1 / math.sqrt(self.input_size))
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """y = x A^T + b with A split by output features (rows); gather_output all-gathers y."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = True) -> None:
@@ -70,11 +78,6 @@ class ColumnParallelLinear(_ParallelLayer):
         self.bias = (self._parameter(self.local_out, full_shape=(output_size,), loader=self._load_rows)
                      if bias else None)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(self.input_size), 1 / math.sqrt(self.input_size))
 
     def _load_rows(self, param: nn.Parameter, source) -> None:
         _check_shape(type(self).__name__, source, param.full_shape)
@@ -88,7 +91,7 @@ class ColumnParallelLinear(_ParallelLayer):
         return y
 
 
-class RowParallelLinear(_ParallelLayer):
+class RowParallelLinear(_ParallelLinear):
     """y = x A^T + b with A split by input features (columns); partial sums are all-reduced and the
     bias is added once, after the reduce. input_is_parallel=False takes this rank's slice of x."""
 
@@ -101,11 +104,6 @@ class RowParallelLinear(_ParallelLayer):
         self.bias = (self._parameter(output_size, full_shape=(output_size,), loader=self._copy_whole)
                      if bias else None)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(self.input_size), 1 / math.sqrt(self.input_size))
 
     def _load_columns(self, param: nn.Parameter, source) -> None:
         _check_shape(type(self).__name__, source, param.full_shape)
