@@ -41,8 +41,7 @@ def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) ->
     if torchrun:
         config["parallelType"] = "tp"
         # rendezvous on loopback with a free port (as `torchrun --standalone`), not the fixed 29400
-        config["torchrun"] = {"nproc-per-node": info["tp_degree"], "rdzv-endpoint": "127.0.0.1:0",
-                              "master-addr": "127.0.0.1"}
+        config["torchrun"] = {"nproc-per-node": info["tp_degree"], "rdzv-endpoint": "127.0.0.1:0"}
     return config
 
 

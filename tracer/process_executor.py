@@ -102,9 +102,10 @@ class RankProcesses:
         listener.bind(("127.0.0.1", 0))  # loopback only, free port
         listener.listen(self.tp_degree)
         self.port = listener.getsockname()[1]
-        self._store = dist.TCPStore("127.0.0.1", self.port, is_master=True, master_listen_fd=listener.fileno(),
+        # The store takes the socket over and closes it itself: detach() so Python never closes the
+        # same descriptor number again (it may belong to another file by then).
+        self._store = dist.TCPStore("127.0.0.1", self.port, is_master=True, master_listen_fd=listener.detach(),
                                     wait_for_workers=False, timeout=datetime.timedelta(seconds=collective_timeout_s))
-        self._listener = listener
         context = multiprocessing.get_context("spawn")
         self._conns, self._processes = [], []
         for rank in range(self.tp_degree):
@@ -181,4 +182,4 @@ class RankProcesses:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self._listener.close()
+        self._store = None  # closes the rendezvous socket now, not at some later garbage collection
