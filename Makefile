@@ -35,6 +35,7 @@ test: lint
 bench: install
 	$(PY) -m bench.tracer_core
 	$(PY) -m bench.offline_tracer
+	$(PY) -m bench.serving
 
 clean:
 	rm -rf $(VENV) build *.egg-info

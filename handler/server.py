@@ -100,18 +100,25 @@ def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     (log_dir / "torchserve.pid").write_text(str(process.pid))
-    management = props["management_address"]
+    try:
+        _wait_until_up(process, props["management_address"], log_dir, timeout_s, wait_for_models)
+    except BaseException:  # never leave a half-started TorchServe behind
+        stop(process.pid)
+        raise
+    return process
+
+
+def _wait_until_up(process: subprocess.Popen, management: str, log_dir: Path, timeout_s: float,
+                   wait_for_models: bool) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"TorchServe exited with code {process.returncode}; see {log_dir}/torchserve.out")
         if models_ready(management) if wait_for_models else _get(f"{management}/models")[0] == 200:
-            return process
+            return
         if failure := _worker_failure(log_dir):
-            stop(process.pid)
             raise RuntimeError(f"the model's worker keeps dying: {failure}")
         time.sleep(0.5)
-    stop(process.pid)
     raise TimeoutError(f"models not READY after {timeout_s:.0f}s; see {log_dir}/model_log.log")
 
 

@@ -37,7 +37,7 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-path", type=Path, default=Path("model_store"), help="where the .mar goes")
     p.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                    help="default: NAME.mar; no-archive: a folder (large models)")
-    p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms")
+    p.add_argument("--max-batch-delay", type=int, default=2, help="TorchServe maxBatchDelay in ms")
     p.add_argument("--torchrun", action="store_true",
                    help="TorchServe torchrun mode: one process per rank (parallelType tp) instead of rank threads")
 

@@ -46,7 +46,7 @@ def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) ->
 
 
 def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
-                  max_batch_delay_ms: int = 5, torchrun: bool = False) -> Path:
+                  max_batch_delay_ms: int = 2, torchrun: bool = False) -> Path:
     if not (shards / MANIFEST).is_file() or not (shards / MODEL_INFO).is_file():
         raise UsageError(f"{shards}: not a traced shards folder (run `python -m tracer trace` first)")
     if archive_format not in ("default", "no-archive"):
