@@ -42,3 +42,23 @@ def minilm_tp2(minilm_inputs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("minilm_tp2")
     with tracer.parallel_model_trace(minilm_builder(), minilm_inputs, compiler_workdir=workdir, tp_degree=2) as model:
         yield model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A model store with MiniLM tp=2 (batchSize 4) as minilm.mar, one per test module."""
+    from serving import build_mar
+
+    store = tmp_path_factory.mktemp("model_store")
+    build_mar(store, batch_size=4)
+    return store
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, store):
+    """A real TorchServe serving `store` on free 127.0.0.1 ports, one per test module."""
+    from serving import start_server
+
+    server = start_server(tmp_path_factory.mktemp("ts"), store)
+    yield server
+    server.stop()

@@ -17,27 +17,13 @@ from builders import build_minilm_with_fault_in_rank_one
 from conftest import MINILM_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import build_mar, start_server
+from serving import start_server
 
 from bench.soak import mixed_texts, soak
 from handler.embedder import Embedder
 from handler.request_parsing import RequestError, parse_texts
 from tracer.archive import build_archive
 from tracer.hf_checkpoint import trace_checkpoint
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    build_mar(store, batch_size=4)
-    return store
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, store):
-    server = start_server(tmp_path_factory.mktemp("ts"), store)
-    yield server
-    server.stop()
 
 
 def _workers(server) -> list[psutil.Process]:

@@ -11,7 +11,6 @@ import psutil
 import pytest
 import torch
 from conftest import MINILM_DIR
-from serving import build_mar, start_server
 
 from handler import grpc_client
 from handler.embedder import Embedder
@@ -20,20 +19,6 @@ from handler.request_parsing import RequestError
 WORDS = "serving sharded transformer models with bucketed traced graphs keeps latency low".split()
 # 1 to 80 words: up to 120 tokens, every bucket, nothing truncated
 MIXED = [" ".join((WORDS * 20)[:n]) for n in (1, 3, 7, 12, 20, 33, 50, 64, 80, 60, 2, 5, 9, 15, 27, 40)]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
-    build_mar(store, batch_size=4)
-    return store
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, store):
-    srv = start_server(tmp_path_factory.mktemp("ts"), store)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
