@@ -68,7 +68,13 @@ class EmbeddingHandler(BaseHandler):
                 context.set_response_status(500, message, idx=idx)
                 answers[idx] = json.dumps({"error": message, "status": 500})
                 continue
-            answers[idx] = json.dumps(vectors if as_list else vectors[0])
+            answers[idx] = "[" + ",".join(map(_vector_json, vectors)) + "]" if as_list else _vector_json(vectors[0])
             if truncated:
                 context.set_response_header(idx, "X-Tpserve-Truncated", "true")
         return answers
+
+
+def _vector_json(vector: list[float]) -> str:
+    """A float32 embedding as a JSON list. 9 significant digits round-trip any float32 exactly;
+    json.dumps would write the float64 repr (17 digits): 60 % more bytes, twice the time."""
+    return "[" + ",".join(map("%.9g".__mod__, vector)) + "]"

@@ -37,7 +37,7 @@ def build_mar(store: Path, name: str = "minilm", tp: int = 2, batch_size: int = 
 
 def write_config(path: Path, store: Path, model: str) -> dict[str, int]:
     """The project's config.properties with free ports and this store."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
     ports = {"inference": inference, "management": management, "metrics": metrics, "grpc": grpc_inference}
     text = (ROOT / "config.properties").read_text()
     for key, port in [("inference_address", inference), ("management_address", management),
@@ -47,6 +47,8 @@ def write_config(path: Path, store: Path, model: str) -> dict[str, int]:
     text = re.sub(r"^grpc_management_port=\d+", f"grpc_management_port={grpc_management}", text, flags=re.M)
     text = re.sub(r"^model_store=.*", f"model_store={store}", text, flags=re.M)
     text = re.sub(r"^load_models=.*", f"load_models={model}.mar", text, flags=re.M)
+    # workers talk to the frontend on /tmp/.ts.sock.<port>, 9000 by default: apart from `make serve`'s
+    text += f"initial_worker_port={worker}\n"
     path.write_text(text)
     return ports
 
