@@ -1,4 +1,5 @@
-# make serve: install, build model_store/minilm.mar if missing, start TorchServe, wait until READY.
+# make serve: check Java 17+ and free ports, install, (re)build model_store/minilm.mar when its inputs
+#             changed, start TorchServe, wait until READY.
 # make stop:  stop it and wait until every process it started has exited.
 # make test:  fresh .venv if missing, install with the test extra, ruff, pytest.
 # make bench: the benchmark tables of README.md.
@@ -6,21 +7,26 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint bench serve stop clean
+.PHONY: install test lint bench serve stop clean preflight
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "import tracer"  # builds the C++ collective ops once (cached in ~/.cache/tpserve)
+	$(PY) -c "import tracer.collectives"  # builds the C++ collective ops once (cached in ~/.cache/tpserve)
 	touch $@
 
 install: $(VENV)/.installed
 
 MAR := model_store/minilm.mar
-$(MAR): | $(VENV)/.installed
-	$(PY) -m tracer build --tp-degree 2 --buckets 16,32,64,128 --batch-size 8 --model-name minilm --export-path model_store
+# rebuilt when the code that traces or serves it, the installed packages or this Makefile change
+MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/csrc/* handler/*.py)
+$(MAR): $(MAR_INPUTS)
+	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
 
-serve: install $(MAR)
+preflight:
+	@$(PYTHON) handler/preflight.py config.properties
+
+serve: preflight install $(MAR)
 	$(PY) -m handler.server start --config config.properties --log-dir logs
 
 stop:

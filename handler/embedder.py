@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 import tracer
-from handler.request_parsing import RequestError
-from tracer.errors import TpServeError
+from tracer.errors import TextTooLongError
 from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
 
 
@@ -32,6 +31,9 @@ class Embedder:
         self.tokenizer = load_tokenizer(model_dir)
         self.buckets: list[int] = info["buckets"]
         self.batch_size: int = info["batch_size"]
+        # sentence-transformers truncates at max_seq_length; a model traced with smaller buckets
+        # truncates at its largest bucket (the tracer warned)
+        self.max_tokens = min(info.get("max_seq_length") or self.buckets[-1], self.buckets[-1])
         self.too_long = too_long
 
     def warm_up(self) -> None:
@@ -43,20 +45,20 @@ class Embedder:
                     self.model(ones, ones)
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], bool]:
-        """Token ids per text, and whether any was truncated. Longer than the largest bucket:
-        truncate (keeping the final [SEP], as sentence-transformers does) or RequestError 413."""
-        limit = self.buckets[-1]
+        """Token ids per text, and whether any was truncated. Longer than max_tokens: truncate
+        (keeping the final [SEP], as sentence-transformers does) or TextTooLongError."""
+        limit = self.max_tokens
         encoded = [e.ids for e in self.tokenizer.encode_batch(texts)]
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
         if too_long and self.too_long == "reject":
-            raise RequestError(413, f"text {too_long[0]} has {len(encoded[too_long[0]])} tokens; "
-                                    f"the largest bucket is {limit}")
+            raise TextTooLongError(f"text {too_long[0]} has {len(encoded[too_long[0]])} tokens; "
+                                   f"the limit is {limit}")
         return [ids[:limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded], bool(too_long)
 
     def embed_ids(self, token_ids: list[list[int]], metrics=None) -> list:
         """Embeddings in input order; one sub-batch (of at most batch_size) per bucket. A sub-batch
-        that fails inside the model (e.g. RankExecutionError) yields its exception in place of each
-        of its embeddings: the rest of the batch is still answered."""
+        that fails (e.g. RankExecutionError) yields its exception in place of each of its
+        embeddings: the rest of the batch is still answered."""
         by_bucket: dict[int, list[int]] = defaultdict(list)
         for i, ids in enumerate(token_ids):
             by_bucket[next(b for b in self.buckets if len(ids) <= b)].append(i)
@@ -71,16 +73,16 @@ class Embedder:
                     mask[row, :len(token_ids[i])] = 1
                 started = time.perf_counter()
                 try:
-                    out = self.model(ids, mask)
-                except TpServeError as exc:
+                    rows = self.model(ids, mask).tolist()
+                except Exception as exc:  # noqa: BLE001 - this sub-batch fails, not the whole batch
                     for i in chunk:
                         results[i] = exc
                     continue
                 if metrics is not None:
                     _report(metrics, bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
-                            (time.perf_counter() - started) * 1000)
+                            time.perf_counter() - started)
                 for row, i in enumerate(chunk):
-                    results[i] = out[row].tolist()
+                    results[i] = rows[row]
         return results
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -94,11 +96,16 @@ class Embedder:
         self.model.close()
 
 
-def _report(metrics, bucket: int, rows: int, real_tokens: int, model_ms: float) -> None:
-    """TorchServe metrics (Prometheus on the metrics port): requests per bucket, padding, model time."""
+def _report(metrics, bucket: int, rows: int, real_tokens: int, model_s: float) -> None:
+    """TorchServe metrics (Prometheus on the metrics port), per bucket: texts run (counter), and per
+    sub-batch the model time and the padded share of its tokens as histograms (a gauge would keep only
+    the last value). TorchServe gives histograms Prometheus' default buckets (5 ms .. 10 s, and
+    0.005 .. 1 for a ratio), so both are in seconds / ratios, not ms / percent."""
     from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
 
     dims = [Dimension("bucket", str(bucket))]
-    metrics.add_counter("RequestsPerBucket", rows, dimensions=dims)
-    metrics.add_percent("PaddingFraction", 100 * (1 - real_tokens / (bucket * rows)), dimensions=dims)
-    metrics.add_time("ModelTime", model_ms, unit="ms", dimensions=dims)
+    metrics.add_counter("TextsPerBucket", rows, dimensions=dims)
+    metrics.add_metric("ModelSeconds", model_s, "s", dimensions=dims, metric_type=MetricTypes.HISTOGRAM)
+    metrics.add_metric("PaddingRatio", 1 - real_tokens / (bucket * rows), "ratio", dimensions=dims,
+                       metric_type=MetricTypes.HISTOGRAM)

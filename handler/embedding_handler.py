@@ -1,23 +1,28 @@
 """TorchServe handler: sentence embeddings from a tensor-parallel model traced by `python -m tracer`.
 
 Bodies: text/plain (one text -> one embedding), JSON {"inputs": "text"} (same) or
-{"inputs": ["t1", ...]} (a list of embeddings, in order). A dynamic batch is run one sub-batch per
-bucket (handler/embedder.py). Bad input gets a 4xx JSON answer for that request only; the worker
-keeps serving. Settings come from model-config.yaml's `handler:` section.
+{"inputs": ["t1", ...]} (a list of embeddings, in order); other Content-Types get 415
+(handler/request_parsing.py). A dynamic batch is run one sub-batch per bucket (handler/embedder.py).
+TorchServe's template: preprocess (each request parsed and tokenized on its own), inference,
+postprocess. A request can fail only itself: whatever goes wrong with one request (bad input: 4xx;
+its sub-batch failing in the model: 500) is that request's answer, and every other request of the
+batch gets its own. Settings come from model-config.yaml's `handler:` section.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.embedder import Embedder
-from handler.request_parsing import RequestError, parse_texts
-from tracer.errors import ArtifactError
+from handler.request_parsing import ParsedRequest, RequestError, parse_texts
+from tracer.errors import ArtifactError, TextTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +30,9 @@ logger = logging.getLogger(__name__)
 class EmbeddingHandler(BaseHandler):
     def initialize(self, context) -> None:
         started = time.time()
+        # TorchServe decodes JSON / text bodies itself unless told not to, logging a traceback for
+        # every malformed one; request_parsing.py does it per request with a 4xx instead.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         config = getattr(context, "model_yaml_config", None) or {}
         settings = config.get("handler", {})
         # TorchServe's torchrun mode (parallelType tp): this worker is one rank; torchrun made the group
@@ -42,35 +50,64 @@ class EmbeddingHandler(BaseHandler):
                     self.embedder.buckets, self.embedder.batch_size, executor, time.time() - started)
         self.initialized = True
 
-    def handle(self, data, context):
-        answers: list = [None] * len(data)
-        pending = []  # (request index, token ids per text, answer is a list, truncated)
+    def preprocess(self, data) -> list[ParsedRequest]:
+        requests = []
         for idx, row in enumerate(data):
-            if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{"inputs": [...]}'}
-                value, content_type = row["json"], "application/json"
-            else:
-                value = row.get("body", row.get("data")) if isinstance(row, dict) else row
-                content_type = (context.get_request_header(idx, "Content-Type") or "").lower()
+            request = ParsedRequest()
             try:
-                texts, as_list = parse_texts(value, content_type, self.max_inputs)
-                ids, truncated = self.embedder.token_ids(texts)
-                pending.append((idx, ids, as_list, truncated))
+                value, content_type = self._body(idx, row)
+                texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
+                request.ids, request.truncated = self.embedder.token_ids(texts)
             except RequestError as exc:
-                context.set_response_status(exc.status, str(exc), idx=idx)
-                answers[idx] = json.dumps({"error": str(exc), "status": exc.status})
-        flat = [ids for _, batch, _, _ in pending for ids in batch]
-        embeddings = iter(self.embedder.embed_ids(flat, context.metrics) if flat else [])
-        for idx, batch, as_list, truncated in pending:
-            vectors = [next(embeddings) for _ in batch]
-            failed = next((v for v in vectors if isinstance(v, Exception)), None)
-            if failed is not None:  # the model failed (e.g. in one rank): 500 for this request only
-                message = f"model error: {failed}"
-                context.set_response_status(500, message, idx=idx)
-                answers[idx] = json.dumps({"error": message, "status": 500})
-                continue
-            answers[idx] = "[" + ",".join(map(_vector_json, vectors)) + "]" if as_list else _vector_json(vectors[0])
-            if truncated:
-                context.set_response_header(idx, "X-Tpserve-Truncated", "true")
+                request.fail(exc.status, str(exc))
+            except TextTooLongError as exc:
+                request.fail(413, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
+                logger.warning("tpserve: request %d unreadable: %s: %s", idx, type(exc).__name__, exc)
+                request.fail(400, f"could not read the request ({type(exc).__name__})")
+            requests.append(request)
+        return requests
+
+    def _body(self, idx: int, row) -> tuple[object, str]:
+        if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{"inputs": [...]}'}
+            return row["json"], "application/json"
+        content_type = self.context.get_request_header(idx, "Content-Type") or ""
+        if not isinstance(row, dict):
+            return row, content_type
+        # form bodies arrive as their decoded fields, without "body": request_parsing refuses them (415)
+        return row.get("body", row.get("data", b"")), content_type
+
+    def _is_explain(self) -> bool:  # no explanations: a client's "explain" header changes nothing
+        return False
+
+    def inference(self, requests: list[ParsedRequest], *args, **kwargs) -> list[ParsedRequest]:
+        good = [r for r in requests if r.ids is not None and r.status == 200]
+        flat = [ids for r in good for ids in r.ids]
+        embeddings = iter(self.embedder.embed_ids(flat, self.context.metrics) if flat else [])
+        for request in good:
+            request.vectors = [next(embeddings) for _ in request.ids]
+            failed = next((v for v in request.vectors if isinstance(v, Exception)), None)
+            if failed is not None:  # its sub-batch failed in the model (e.g. in one rank)
+                request.fail(500, f"model error: {failed}")
+        return requests
+
+    def postprocess(self, requests: list[ParsedRequest]) -> list[str]:
+        answers = []
+        for idx, request in enumerate(requests):
+            if request.status == 200:
+                try:
+                    vectors = list(map(_vector_json, request.vectors))
+                    answers.append("[" + ",".join(vectors) + "]" if request.as_list else vectors[0])
+                    if request.truncated:
+                        self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
+                except Exception as exc:  # noqa: BLE001
+                    request.fail(500, f"could not write the answer ({type(exc).__name__})")
+            if request.status != 200:
+                # the standard reason phrase in the status line (TorchServe frames the phrase by its
+                # length in characters, so only ASCII is safe there); the message is in the JSON body
+                self.context.set_response_status(request.status, HTTPStatus(request.status).phrase, idx=idx)
+                answers.append(json.dumps({"error": request.error, "status": request.status}))
+            self.context.set_response_content_type(idx, "application/json")
         return answers
 
 

@@ -1,11 +1,38 @@
 """Request bodies -> texts, with a 4xx-class RequestError for anything malformed.
 
+What each Content-Type means (TorchServe passes the body through undecoded; see
+EmbeddingHandler.initialize):
+  text/* (charset utf-8 or none), or no Content-Type   the body is one text
+  application/json, application/*+json                 {"inputs": "text"} or {"inputs": ["t1", ...]}
+  anything else                                        415, naming the right header
+application/x-www-form-urlencoded is what `curl --data` sends without -H: TorchServe decodes it into
+form fields (a body without "=" arrives empty, "+" and "%xx" are rewritten), so the text cannot be
+recovered and the answer is 415, not a silently changed text.
+
 (Kept out of embedding_handler.py: TorchServe requires a handler module to define exactly one class.)
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+USE_INSTEAD = "send text with 'Content-Type: text/plain' or JSON with 'Content-Type: application/json'"
+
+
+@dataclass
+class ParsedRequest:
+    """One request of the batch on its way through the handler: either token ids, or its error."""
+
+    ids: list[list[int]] | None = None
+    as_list: bool = False
+    truncated: bool = False
+    vectors: list | None = None
+    status: int = 200
+    error: str = ""
+
+    def fail(self, status: int, message: str) -> None:
+        self.status, self.error = status, message
 
 
 class RequestError(Exception):
@@ -14,14 +41,35 @@ class RequestError(Exception):
         self.status = status
 
 
+def body_kind(content_type: str) -> str:
+    """'text' or 'json' for a Content-Type header value, else RequestError 415."""
+    media, _, params = (content_type or "").partition(";")
+    media = media.strip().lower()
+    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in params.split(";")
+                    if p.strip().lower().startswith("charset=")), "utf-8")
+    if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
+        raise RequestError(415, f"charset {charset!r} is not accepted: bodies are UTF-8")
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return "json"
+    if media == "" or media.startswith("text/"):
+        return "text"
+    if media in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        raise RequestError(415, f"Content-Type {media} is not accepted (curl --data sends it when no -H is "
+                                f"given; TorchServe decodes it as form fields): {USE_INSTEAD}")
+    raise RequestError(415, f"Content-Type {media} is not accepted: {USE_INSTEAD}")
+
+
 def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], bool]:
     """(texts, answer_is_list) from one request body, or RequestError."""
+    kind = body_kind(content_type)
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise RequestError(400, "body is not valid UTF-8") from None
-        if "json" in content_type:  # TorchServe could not parse it (REST), or gRPC's "json" input
+        if kind == "json":
+            if not value.strip():
+                raise RequestError(400, 'empty body: expected JSON {"inputs": "text" | ["text", ...]}')
             try:
                 value = json.loads(value)
             except ValueError:
@@ -40,6 +88,13 @@ def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], b
         raise RequestError(400, 'expected a text/plain body or JSON {"inputs": "text" | ["text", ...]}')
     if len(texts) > max_inputs:
         raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs}")
-    if any(not t.strip() for t in texts):
-        raise RequestError(400, "empty text")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            # also what a GET gets: TorchServe hands the handler neither the method nor a body
+            raise RequestError(400, "empty text" if as_list or len(texts) > 1 else
+                               "empty text (POST a body: text/plain, or JSON {\"inputs\": ...})")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON may spell a lone surrogate ("\ud800"); no tokenizer takes it
+            raise RequestError(400, f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
     return texts, as_list

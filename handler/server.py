@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,26 +25,18 @@ from pathlib import Path
 
 import psutil
 
+from handler.preflight import PreflightError, check_java, check_ports, java_executable, read_properties
 
-def read_properties(path: Path) -> dict[str, str]:
-    props = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
+LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 
 
-def java_command(config: Path, model_store: Path) -> list[str]:
+def java_command(config: Path, model_store: Path, java: str | None = None) -> list[str]:
     import ts
 
     ts_home = Path(ts.__file__).resolve().parent.parent
-    java = shutil.which("java") or "java"
-    if os.environ.get("JAVA_HOME"):
-        java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
-    return [java, f"-Dmodel_server_home={ts_home}", "-cp", f".:{ts_home / 'ts' / 'frontend' / '*'}",
-            "org.pytorch.serve.ModelServer", "--python", sys.executable, "-f", str(config), "-s", str(model_store),
-            "-ncs"]
+    return [java or java_executable(), f"-Dmodel_server_home={ts_home}", f"-Dlog4j.configurationFile={LOG4J_CONFIG}",
+            "-cp", f".:{ts_home / 'ts' / 'frontend' / '*'}", "org.pytorch.serve.ModelServer", "--python",
+            sys.executable, "-f", str(config), "-s", str(model_store), "-ncs"]
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -91,12 +82,18 @@ def start(config: Path, model_store: Path, log_dir: Path, timeout_s: float = 600
     """Start TorchServe and wait until every model is READY (or, with wait_for_models=False, only
     until its management API answers); raises (after stopping it) otherwise."""
     props = read_properties(config)
+    java = check_java()
+    check_ports(props)  # one line naming the busy port, not a Java bind exception deep in a log
+    log_dir = log_dir.resolve()  # TorchServe runs in log_dir: a relative LOG_LOCATION would nest logs/logs/
     log_dir.mkdir(parents=True, exist_ok=True)
+    out_file = log_dir / "torchserve.out"
+    for old in [f for f in [out_file, *log_dir.glob("*.log")] if f.is_file()]:  # fresh logs per start, last kept as .1
+        old.replace(old.with_name(old.name + ".1"))
     # the venv's bin first: TorchServe's torchrun mode execs `torchrun` by name
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, LOG_LOCATION=str(log_dir), METRICS_LOCATION=str(log_dir), PATH=path)
-    with open(log_dir / "torchserve.out", "ab") as out:
-        process = subprocess.Popen(java_command(config.resolve(), model_store.resolve()), cwd=log_dir, env=env,
+    with open(out_file, "wb") as out:
+        process = subprocess.Popen(java_command(config.resolve(), model_store.resolve(), java), cwd=log_dir, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     (log_dir / "torchserve.pid").write_text(str(process.pid))
@@ -156,6 +153,22 @@ def stop(pid: int, timeout_s: float = 60) -> list[int]:
     return [p.pid for p in alive]
 
 
+def describe_archive(mar: Path) -> str:
+    """One line on what a .mar serves: model, tp, buckets, batch size, when it was built."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            info = json.loads(archive.read("tpserve-model.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return f"serving {mar}"
+    built = time.strftime("%Y-%m-%d %H:%M", time.localtime(mar.stat().st_mtime))
+    source = "/".join(Path(info.get("source", "?")).parts[-2:])
+    return (f"serving {mar.stem}: {source}, tp={info['tp_degree']}, buckets={info['buckets']}"
+            f" (texts truncated at {info.get('max_seq_length', info['buckets'][-1])} tokens), batchSize "
+            f"{info['batch_size']}; {mar} built {built}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,18 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         print("TorchServe stopped" + (f" (SIGKILLed {killed})" if killed else ""))
         return 0
     if pid_file.is_file() and psutil.pid_exists(int(pid_file.read_text())):
-        print(f"TorchServe is already running (pid {pid_file.read_text()}); `make stop` first")
+        print(f"error: TorchServe is already running (pid {pid_file.read_text()}); `make stop` first", file=sys.stderr)
         return 1
     props = read_properties(args.config)
     store = args.model_store or Path(props.get("model_store", "model_store"))
     try:
         process = start(args.config, store, args.log_dir)
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     inference = props["inference_address"]
     model = re.sub(r"\.mar$", "", props.get("load_models", "minilm").split(",")[0])
-    print(f"TorchServe is up (pid {process.pid}); logs in {args.log_dir}/\n")
+    print(f"TorchServe is up (pid {process.pid}); logs in {args.log_dir}/")
+    print(describe_archive(store / f"{model}.mar") + "\n")
     print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: text/plain' "
           "--data 'tensor parallel inference on CPU'")
     print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: application/json' "

@@ -46,11 +46,11 @@ def minilm_tp2(minilm_inputs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A model store with MiniLM tp=2 (batchSize 4) as minilm.mar, one per test module."""
+    """A model store with MiniLM tp=2 (batchSize 8, default buckets 16..256) as minilm.mar, one per test module."""
     from serving import build_mar
 
     store = tmp_path_factory.mktemp("model_store")
-    build_mar(store, batch_size=4)
+    build_mar(store, batch_size=8)
     return store
 
 

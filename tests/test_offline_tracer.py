@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -108,10 +109,17 @@ def test_no_archive_format(built, tmp_path):
 
 @pytest.fixture
 def gpt2_dir(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    (tmp_path / "tokenizer.json").write_text("{}")
-    return tmp_path
+    """Only a gpt2 config.json: the architecture is refused before missing files are noticed."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return tmp_path / "gpt2"
+
+
+@pytest.fixture
+def broken_dir(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "bert",')
+    return tmp_path / "broken"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -121,17 +129,49 @@ def gpt2_dir(tmp_path):
     (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--output", "OUT"], "max_position_embeddings=512"),
     (["trace", "--tp-degree", "2", "--buckets", "a,b", "--output", "OUT"], "comma-separated integers"),
     (["trace", "--tp-degree", "2", "--batch-size", "0", "--output", "OUT"], "--batch-size must be >= 1"),
+    (["trace", "--tp-degree", "2", "--max-parallel-compilations", "0", "--output", "OUT"],
+     "--max-parallel-compilations must be >= 1"),
     (["trace", "--tp-degree", "2"], "required: --output"),
     (["trace", "--tp-degree", "2", "--model", "NOWHERE", "--output", "OUT"], "no config.json"),
     (["trace", "--tp-degree", "2", "--model", "GPT2", "--output", "OUT"], "'gpt2' is not supported; supported: Bert"),
+    (["trace", "--tp-degree", "2", "--model", "BROKEN", "--output", "OUT"], "config.json: not valid JSON"),
+    (["trace", "--tp-degree", "2", "--output", "FILE"], "exists and is not a directory"),
+    (["trace", "--tp-degree", "2", "--output", "FILE/sub"], "is not a directory"),
+    (["build", "--tp-degree", "2", "--model-name", "bad name", "--export-path", "OUT"], "--model-name may hold"),
+    (["build", "--tp-degree", "2", "--model-name", "m", "--export-path", "FILE"], "--export-path"),
     (["archive", "--shards", "NOWHERE", "--model-name", "m"], "not a traced shards folder"),
     (["archive", "--shards", "NOWHERE", "--model-name", "m", "--archive-format", "tgz"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    ([], "required: {trace,archive,build} (see `python -m tracer --help`)"),
 ])
-def test_misuse_exits_nonzero_with_one_clear_line(args, message, tmp_path, gpt2_dir):
-    args = [a.replace("OUT", str(tmp_path / "out")).replace("GPT2", str(gpt2_dir)) for a in args]
+def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_path, gpt2_dir, broken_dir):
+    (tmp_path / "file").write_text("not a directory")
+    names = {"OUT": tmp_path / "out", "GPT2": gpt2_dir, "BROKEN": broken_dir, "FILE": tmp_path / "file"}
+    args = [str(names.get(a.split("/")[0], a)) + ("/sub" if a.endswith("/sub") else "") for a in args]
+    started = time.monotonic()
     result = _cli(*args, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()  # nothing was written
+    assert "[tpserve] rank" not in result.stderr and not (tmp_path / "out").exists()  # nothing traced or written
+    assert time.monotonic() - started < 20  # checks only (a trace would take longer)
+
+
+def test_a_failure_of_the_work_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / "ckpt" / name).write_bytes((MINILM_DIR / name).read_bytes())
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"garbage, not a safetensors file")
+    result = _cli("trace", "--tp-degree", "2", "--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o"),
+                  check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("[tpserve]")]
+    assert len(errors) == 1 and "not a safetensors file" in errors[0], result.stderr
+
+
+def test_help_is_fast_and_shows_defaults():
+    started = time.monotonic()
+    result = _cli("build", "--help")
+    assert time.monotonic() - started < 1.5  # no torch import for --help
+    assert "(default: 1)" in result.stdout and "(default: model_store)" in result.stdout
+    assert "up to the model's max_seq_length" in result.stdout

@@ -1,14 +1,17 @@
 """Reliability and security against a real TorchServe: soak, faults, hostile input, integrity."""
 
+import concurrent.futures
 import functools
 import http.client
 import io
 import json
 import os
+import random
 import signal
 import string
 import time
 import zipfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -82,6 +85,117 @@ def test_fuzz_live_server_never_5xx_never_a_dead_worker(served, body, content_ty
     status, _, _ = served.post(body, content_type or "application/x-unknown")
     assert status < 500
     assert {p.pid for p in _workers(served)} == worker_pids
+
+
+# Hostile request bodies: each must fail only its own request (4xx), whatever else is in the batch.
+HOSTILE = st.one_of(
+    st.sampled_from([
+        ("application/json", b'{"inputs": ["\\ud800"]}'),           # lone surrogate, valid JSON
+        ("application/json", b'{"inputs": "a \\udfff b"}'),
+        ("application/json", b'{"inputs": '),
+        ("text/plain", b"\xff\xfe"),
+        ("text/plain", "\ud800".encode("utf-8", "surrogatepass")),  # a surrogate as raw bytes: invalid UTF-8
+        ("application/x-www-form-urlencoded", b"a=b"),
+        ("image/png", b"\x89PNG"),
+        ("text/plain", b""),
+        ("application/json", json.dumps({"inputs": ["x"] * 65}).encode()),
+    ]),
+    st.tuples(CONTENT_TYPES, BODIES.map(lambda b: b.encode("utf-8", "surrogatepass") if isinstance(b, str) else b)),
+)
+GOOD_TEXTS = st.text(alphabet=string.ascii_letters + " éü中文🙂", min_size=1, max_size=60).filter(str.strip)
+
+
+class _Batch:
+    """What TorchServe's worker hands EmbeddingHandler.handle(): bodies (undecoded: the handler turns
+    TorchServe's decoding off) and a Context with one RequestProcessor of headers per request."""
+
+    def __init__(self, handler_dir) -> None:
+        import ts
+        from ts.context import Context
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        from handler.embedding_handler import EmbeddingHandler
+
+        metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+        metrics.initialize_cache()
+        self.context = Context("minilm", str(handler_dir), None, 8, None, ts.__version__, metrics=metrics,
+                               model_yaml_config={"handler": {"max_inputs_per_request": 64}})
+        self.handler = EmbeddingHandler()
+        self.handler.initialize(self.context)
+
+    def run(self, requests: list[tuple[str, bytes]]) -> list[tuple[int, object]]:
+        from ts.context import RequestProcessor
+
+        self.context.request_processor = [RequestProcessor({"Content-Type": ct}) for ct, _ in requests]
+        self.context.metrics.request_ids = {i: f"r{i}" for i in range(len(requests))}
+        answers = self.handler.handle([{"body": bytearray(body)} for _, body in requests], self.context)
+        assert len(answers) == len(requests)
+        statuses = [self.context.get_response_status(i)[0] for i in range(len(requests))]
+        return [(status, json.loads(answer)) for status, answer in zip(statuses, answers, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def batch_handler(store):
+    batch = _Batch(store / "minilm.shards")
+    yield batch
+    batch.handler.embedder.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(good=st.lists(GOOD_TEXTS, min_size=1, max_size=7), hostile=st.lists(HOSTILE, min_size=1, max_size=3),
+       data=st.data())
+def test_fuzz_batches_a_hostile_request_fails_only_itself(batch_handler, good, hostile, data):
+    """Hypothesis-made batches of good and hostile bodies through the handler's batch entry point:
+    every good request gets its right embedding, every hostile one a 4xx of its own."""
+    requests = [("text/plain", t.encode()) for t in good] + list(hostile)
+    order = data.draw(st.permutations(range(len(requests))))
+    answers = batch_handler.run([requests[i] for i in order])
+    expected = batch_handler.handler.embedder.embed(good)
+    for position, i in enumerate(order):
+        status, body = answers[position]
+        if i < len(good):
+            assert status == 200, body
+            assert (torch.tensor(body) - torch.tensor(expected[i])).abs().max() <= 1e-4
+        else:
+            assert 400 <= status < 500 or status == 200, body  # a random body may well be a good text
+            if status != 200:
+                assert body["status"] == status and body["error"]
+
+
+def test_live_server_batch_of_8_one_hostile_client_fails_no_good_request(served, store):
+    """batchSize 8: six clients of good text and one sending hostile bodies at the same time."""
+    texts = mixed_texts(24)
+    embedder = Embedder(store / "minilm.shards")
+    reference = dict(zip(texts, embedder.embed(texts), strict=True))
+    embedder.close()
+    hostile = [("application/json", '{"inputs": ["\\ud800"]}'), ("application/json", '{"inputs": '),
+               ("text/plain", b"\xff"), ("image/png", b"\x89PNG"), ("application/x-www-form-urlencoded", "a b")]
+    stop_at = time.monotonic() + 8
+
+    def good_client(seed: int) -> list[str]:
+        problems, rng = [], random.Random(seed)
+        while time.monotonic() < stop_at:
+            text = rng.choice(texts)
+            status, _, body = served.post(text)
+            if status != 200 or (torch.tensor(body) - torch.tensor(reference[text])).abs().max() > 1e-4:
+                problems.append(f"{status}: {str(body)[:80]}")
+        return problems
+
+    def hostile_client() -> list[int]:
+        statuses = []
+        while time.monotonic() < stop_at:
+            for content_type, body in hostile:
+                statuses.append(served.post(body, content_type)[0])
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        good = [pool.submit(good_client, seed) for seed in range(6)]
+        bad = pool.submit(hostile_client)
+        problems = [p for f in good for p in f.result()]
+        statuses = bad.result()
+    print(f"hostile requests: {len(statuses)}, statuses {sorted(set(statuses))}")
+    assert not problems, problems[:5]
+    assert statuses and all(400 <= s < 500 for s in statuses)
 
 
 def test_body_over_the_size_limit_is_413(served):

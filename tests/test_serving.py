@@ -5,6 +5,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import psutil
@@ -14,7 +15,7 @@ from conftest import MINILM_DIR
 
 from handler import grpc_client
 from handler.embedder import Embedder
-from handler.request_parsing import RequestError
+from tracer.errors import TextTooLongError
 
 WORDS = "serving sharded transformer models with bucketed traced graphs keeps latency low".split()
 # 1 to 80 words: up to 120 tokens, every bucket, nothing truncated
@@ -86,14 +87,20 @@ def test_grpc_bad_input_is_a_named_error_and_the_next_request_succeeds(served, t
     assert len(grpc_client.embed("still serving", target)) == 384
 
 
-LONG = "word " * 400  # ~400 tokens > the largest bucket (128)
+LONG = "word " * 400  # ~400 tokens > max_seq_length (256)
 
 
 @pytest.mark.parametrize("body, content_type, status, message", [
     (b"", "text/plain", 400, "empty text"),
     ("   ", "text/plain", 400, "empty text"),
     (b"\xff\xfe\xfa", "text/plain", 400, "not valid UTF-8"),
-    (b"\xff\xfe\xfa", "application/octet-stream", 400, "not valid UTF-8"),
+    (b"\xff\xfe\xfa", "text/plain; charset=utf-8", 400, "not valid UTF-8"),
+    (b"\xff\xfe\xfa", "application/octet-stream", 415, "Content-Type application/octet-stream is not accepted"),
+    (b"\x89PNG\r\n", "image/png", 415, "'Content-Type: text/plain'"),
+    (b"some text", "application/x-www-form-urlencoded", 415, "curl --data sends it"),
+    (b"some text", "text/plain; charset=latin-1", 415, "bodies are UTF-8"),
+    ('{"inputs": ["ok", "\\ud800"]}', "application/json", 400, "text 1 is not valid Unicode"),
+    ('{"inputs": "\\udfff x"}', "application/json", 400, "text 0 is not valid Unicode"),
     ('{"inputs": ', "application/json", 400, "not valid JSON"),
     ('{"inputs": 5}', "application/json", 400, '"inputs" must be'),
     ('{"inputs": []}', "application/json", 400, '"inputs" must be'),
@@ -104,35 +111,97 @@ LONG = "word " * 400  # ~400 tokens > the largest bucket (128)
     (json.dumps({"inputs": ["t"] * 65}), "application/json", 413, "the limit is 64"),
 ])
 def test_bad_input_is_4xx_and_the_next_request_succeeds(served, body, content_type, status, message):
-    got_status, _, got = served.post(body, content_type)
-    assert got_status == status and message in got["error"]
+    got_status, headers, got = served.post(body, content_type)
+    assert got_status == status and message in got["error"] and got["status"] == status
+    assert headers["content-type"] == "application/json"
     ok_status, _, ok = served.post("a good request after a bad one")
     assert ok_status == 200 and len(ok) == 384
 
 
-def test_text_longer_than_the_largest_bucket_is_truncated_with_a_header(served, encode):
-    status, headers, body = served.post(LONG)
-    assert status == 200 and headers.get("X-Tpserve-Truncated") == "true"
-    assert_same(body, encode([LONG], max_seq_length=128))  # = sentence-transformers truncating to 128 tokens
+@pytest.mark.parametrize("content_type", ["text/plain", "text/html", "text/markdown; charset=UTF-8", "",
+                                          "application/json", "application/vnd.api+json"])
+def test_accepted_content_types(served, encode, content_type):
+    body = json.dumps({"inputs": ["typed text"]}) if "json" in content_type else "typed text"
+    status, headers, got = served.post(body, content_type)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert_same(got, encode(["typed text"]))
+
+
+def test_get_has_no_method_in_torchserve_so_it_is_an_empty_body_400(served):
+    """TorchServe 0.12 routes GET /predictions/NAME to the handler without telling it the method
+    (README: HTTP details); the empty body is answered 400 with a hint to POST."""
+    url = f"http://127.0.0.1:{served.ports['inference']}/predictions/minilm"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(url, timeout=30)
+    assert error.value.code == 400 and error.value.headers["content-type"] == "application/json"
+    assert "POST a body" in json.loads(error.value.read())["error"]
+
+
+# one token per word: n words are n + 2 tokens ([CLS] ... [SEP]), so 130 and 200 words fill the
+# bucket 256 and 260 and 600 words are truncated at max_seq_length
+ONE_TOKEN_WORDS = "the quick brown fox jumps over a lazy dog while parallel ranks share the work".split()
+WORDS_OF = {n: " ".join((ONE_TOKEN_WORDS * 60)[:n]) for n in (5, 130, 200, 260, 600)}
+
+
+def test_every_length_equals_sentence_transformers_default_encode(served, encode):
+    """Default buckets reach max_seq_length (256): parity with encode() at its default settings for
+    every length, truncation where sentence-transformers truncates (and then a header)."""
+    texts = list(WORDS_OF.values())
+    expected = encode(texts)  # SentenceTransformer defaults: max_seq_length 256
+    status, _, body = served.post(json.dumps({"inputs": texts}), "application/json")
+    assert status == 200
+    assert_same(body, expected)
+    for n, text in WORDS_OF.items():
+        status, headers, body = served.post(text)
+        assert status == 200
+        assert_same(body, expected[list(WORDS_OF).index(n)])
+        assert (headers.get("X-Tpserve-Truncated") == "true") == (n >= 260), n  # 260 words > 256 tokens
 
 
 def test_too_long_can_be_rejected_with_413_instead(store):
     embedder = Embedder(store / "minilm.shards", too_long="reject")
     try:
-        with pytest.raises(RequestError, match="the largest bucket is 128") as error:
+        with pytest.raises(TextTooLongError, match="the limit is 256"):
             embedder.token_ids(["short", LONG])
-        assert error.value.status == 413
         assert len(embedder.embed(["short"])[0]) == 384
     finally:
         embedder.close()
 
 
-def test_metrics_in_prometheus_format(served):
-    served.post("count me")
+def test_buckets_below_max_seq_length_warn_and_truncate_there(tmp_path, encode):
+    result = subprocess.run([sys.executable, "-m", "tracer", "trace", "--tp-degree", "1", "--buckets", "16,64",
+                             "--output", str(tmp_path / "short")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the largest bucket (64) is below the model's max_seq_length (256)" in result.stderr
+    embedder = Embedder(tmp_path / "short")
+    try:
+        ids, truncated = embedder.token_ids([WORDS_OF[130]])
+        assert truncated and len(ids[0]) == 64
+        assert_same(embedder.embed([WORDS_OF[130]]), encode([WORDS_OF[130]], max_seq_length=64))
+    finally:
+        embedder.close()
+
+
+def _metrics(served) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{served.ports['metrics']}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    assert "# TYPE RequestsPerBucket counter" in text and 'bucket="16"' in text
-    assert "PaddingFraction{" in text and "ModelTime{" in text
+        return r.read().decode()
+
+
+def _sample(text: str, name: str, bucket: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and f'bucket="{bucket}"' in line)
+
+
+def test_metrics_in_prometheus_format_count_texts_and_keep_every_observation(served):
+    before = _metrics(served)
+    served.post(json.dumps({"inputs": ["count me", "and me", "me too"]}), "application/json")  # 3 texts, bucket 16
+    after = _metrics(served)
+    assert "# TYPE TextsPerBucket counter" in after
+    assert _sample(after, "TextsPerBucket", "16") - _sample(before, "TextsPerBucket", "16") == 3
+    for name in ("ModelSeconds", "PaddingRatio"):  # histograms: rates, averages and quantiles in PromQL
+        assert f"# TYPE {name} histogram" in after
+        assert _sample(after, f"{name}_count", "16") - _sample(before, f"{name}_count", "16") == 1
+        assert _sample(after, f"{name}_sum", "16") > _sample(before, f"{name}_sum", "16")
 
 
 def test_every_listener_is_on_loopback(served):

@@ -1,12 +1,30 @@
 """tpserve tracer: neuronx_distributed's tensor-parallel inference API, real on CPU.
 
 Import paths are the contract: code written for neuronx_distributed ports by changing imports.
+The names load on first use (PEP 562), so `python -m tracer --help` and `tracer.errors` need no torch.
 """
 
-from . import collectives  # noqa: F401 - loads the collective ops before any graph is loaded
-from .bucketing import BucketModelConfig, sequence_length_bucket_kernel
-from .model import TensorParallelModel
-from .trace import parallel_model_load, parallel_model_save, parallel_model_trace
+import importlib
 
-__all__ = ["BucketModelConfig", "TensorParallelModel", "parallel_model_load", "parallel_model_save",
-           "parallel_model_trace", "sequence_length_bucket_kernel"]
+_EXPORTS = {
+    "BucketModelConfig": ".bucketing",
+    "sequence_length_bucket_kernel": ".bucketing",
+    "TensorParallelModel": ".model",
+    "parallel_model_load": ".trace",
+    "parallel_model_save": ".trace",
+    "parallel_model_trace": ".trace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tracer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

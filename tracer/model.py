@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from . import artifacts
+from . import artifacts, collectives  # noqa: F401 - the saved graphs call tpserve:: ops
 from .errors import BucketSelectionError, InputSignatureError, ModelClosedError
 
 EXECUTORS = ("threads", "processes", "torchrun")

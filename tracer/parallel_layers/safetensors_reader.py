@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from ..errors import CheckpointFormatError
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -64,7 +66,13 @@ class SafetensorsFile(Mapping):
     def __init__(self, path) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         header_size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-        header = json.loads(os.pread(self._fd, header_size, 8))
+        try:
+            if not 2 <= header_size <= os.fstat(self._fd).st_size - 8:
+                raise ValueError(f"header size {header_size}")
+            header = json.loads(os.pread(self._fd, header_size, 8))
+        except (ValueError, UnicodeDecodeError) as exc:
+            os.close(self._fd)
+            raise CheckpointFormatError(f"{path}: not a safetensors file ({exc})") from None
         header.pop("__metadata__", None)
         self._entries = {k: TensorOnDisk(self._fd, 8 + header_size, v) for k, v in header.items()}
 
