@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 MAR := model_store/minilm.mar
 # rebuilt when the code that traces or serves it, the installed packages or this Makefile change
-MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/csrc/* handler/*.py)
+MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/runtime/csrc/* handler/*.py)
 $(MAR): $(MAR_INPUTS)
 	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
 

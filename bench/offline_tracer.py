@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import table
-from tracer.hf_checkpoint import default_model_dir, trace_checkpoint
+from tracer.build.hf_checkpoint import default_model_dir, trace_checkpoint
 
 BUCKETS = [16, 32, 64, 128]
 
@@ -34,7 +34,7 @@ def main() -> None:
     ]
     for tp in (1, 2, 4):
         _, info = trace_once(tp, tp)
-        added = max(t["build_peak_rss_mb"] for t in info["trace_timing"])
+        added = max(t["build_peak_rss_mb"] for t in info.trace_timing)
         rows.append([f"peak RSS of building a shard, tp={tp} (worst rank)", f"{added:.0f} MiB",
                      f"{added / model_mb:.3f} of the model (goal ≤ {1 / tp + 0.05:.3f})"])
     print(f"MiniLM checkpoint: {model_mb:.1f} MiB")

@@ -134,7 +134,7 @@ def eager_mar(store: Path) -> None:
 
 
 def tokens_of(texts: list[str]):
-    from tracer.hf_checkpoint import load_tokenizer
+    from tracer.engine.embedder import load_tokenizer
 
     tokenizer = load_tokenizer(Path(tempfile.gettempdir()) / "tpserve-bench-store" / "minilm.shards")
     return {t: min(len(tokenizer.encode(t).ids), 128) for t in set(texts)}
@@ -156,7 +156,7 @@ def main() -> None:
                      f"{result['rps']:.1f}", f"{100 * flops / gemm:.0f} %"])
 
     # in-process: the handler's own path (tokenize, bucket, embed) without TorchServe
-    from handler.embedder import Embedder
+    from tracer.engine.embedder import Embedder
 
     in_process = Embedder(store / "minilm.shards")
     in_process.warm_up()

@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     from serving import build_mar, start_server
 
-    from handler.embedder import Embedder
+    from tracer.engine.embedder import Embedder
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

@@ -17,8 +17,8 @@ from transformers import BertModel
 
 import tracer
 from bench.common import median_ms, table
-from tracer import collectives
 from tracer.models.bert import load_bert
+from tracer.runtime import collectives
 
 SEQ, RUNS = 128, 50
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.embedder import Embedder
 from handler.request_parsing import ParsedRequest, RequestError, parse_texts
+from tracer.engine.embedder import Embedder
 from tracer.errors import ArtifactError, TextTooLongError
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,26 @@ class EmbeddingHandler(BaseHandler):
     def inference(self, requests: list[ParsedRequest], *args, **kwargs) -> list[ParsedRequest]:
         good = [r for r in requests if r.ids is not None and r.status == 200]
         flat = [ids for r in good for ids in r.ids]
-        embeddings = iter(self.embedder.embed_ids(flat, self.context.metrics) if flat else [])
+        embeddings = iter(self.embedder.embed_ids(flat, self._report) if flat else [])
         for request in good:
             request.vectors = [next(embeddings) for _ in request.ids]
             failed = next((v for v in request.vectors if isinstance(v, Exception)), None)
             if failed is not None:  # its sub-batch failed in the model (e.g. in one rank)
                 request.fail(500, f"model error: {failed}")
         return requests
+
+    def _report(self, bucket: int, rows: int, real_tokens: int, seconds: float) -> None:
+        """Per bucket: texts run (counter); per sub-batch the model time and the padded share of its
+        tokens, as histograms (a gauge would keep only the last value). TorchServe gives histograms
+        Prometheus' default buckets (5 ms .. 10 s; 0.005 .. 1), hence seconds and a ratio."""
+        from ts.metrics.dimension import Dimension
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        metrics, dims = self.context.metrics, [Dimension("bucket", str(bucket))]
+        metrics.add_counter("TextsPerBucket", rows, dimensions=dims)
+        metrics.add_metric("ModelSeconds", seconds, "s", dimensions=dims, metric_type=MetricTypes.HISTOGRAM)
+        metrics.add_metric("PaddingRatio", 1 - real_tokens / (bucket * rows), "ratio", dimensions=dims,
+                           metric_type=MetricTypes.HISTOGRAM)
 
     def postprocess(self, requests: list[ParsedRequest]) -> list[str]:
         answers = []

@@ -17,10 +17,11 @@ import argparse
 import hashlib
 import importlib
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
+
+from tracer.cache_dir import cache_dir
 
 
 class PredictionError(Exception):
@@ -38,8 +39,7 @@ def _stub_modules():
     jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
     with zipfile.ZipFile(jar) as archive:
         proto = archive.read("inference.proto")
-    cache = Path(os.environ.get("TPSERVE_CACHE_DIR", Path.home() / ".cache" / "tpserve"))
-    out = cache / f"grpc-{hashlib.sha256(proto + grpc_tools.__file__.encode()).hexdigest()[:16]}"
+    out = cache_dir() / f"grpc-{hashlib.sha256(proto + grpc_tools.__file__.encode()).hexdigest()[:16]}"
     if not (out / "inference_pb2_grpc.py").is_file():
         out.mkdir(parents=True, exist_ok=True)
         (out / "inference.proto").write_bytes(proto)

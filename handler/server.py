@@ -159,14 +159,15 @@ def describe_archive(mar: Path) -> str:
 
     try:
         with zipfile.ZipFile(mar) as archive:
-            info = json.loads(archive.read("tpserve-model.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            manifest = json.loads(archive.read("manifest.json"))
+        info, buckets = manifest["model"], [b["inputs"][0]["shape"] for b in manifest["buckets"]]
+    except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile):
         return f"serving {mar}"
     built = time.strftime("%Y-%m-%d %H:%M", time.localtime(mar.stat().st_mtime))
     source = "/".join(Path(info.get("source", "?")).parts[-2:])
-    return (f"serving {mar.stem}: {source}, tp={info['tp_degree']}, buckets={info['buckets']}"
-            f" (texts truncated at {info.get('max_seq_length', info['buckets'][-1])} tokens), batchSize "
-            f"{info['batch_size']}; {mar} built {built}")
+    return (f"serving {mar.stem}: {source}, tp={manifest['tp_degree']}, buckets={[b[1] for b in buckets]}"
+            f" (texts truncated at {info.get('max_seq_length')} tokens), batchSize {buckets[0][0]}; "
+            f"{mar} built {built}")
 
 
 def main(argv: list[str] | None = None) -> int:

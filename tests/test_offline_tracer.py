@@ -11,7 +11,8 @@ import torch
 from conftest import MINILM_DIR
 
 import tracer
-from tracer.hf_checkpoint import load_tokenizer, trace_checkpoint
+from tracer.build.hf_checkpoint import trace_checkpoint
+from tracer.engine.embedder import load_tokenizer
 
 BUCKETS = [16, 32, 64, 128]
 WORDS = "the quick brown fox jumps over a lazy dog while tensor parallel ranks share the work".split()
@@ -91,14 +92,21 @@ def test_mar_layout(built):
     with zipfile.ZipFile(built / "minilm.mar") as mar:
         names = set(mar.namelist())
         config = mar.read("model-config.yaml").decode()
-        info = json.loads(mar.read("tpserve-model.json"))
+        manifest = json.loads(mar.read("manifest.json"))
     for rank in range(2):
         assert {f"tp_{rank}/weights.safetensors"} | {f"tp_{rank}/bucket_{b}.pt" for b in range(4)} <= names
     assert {"manifest.json", "bucket_kernel.pt", "tokenizer/tokenizer.json", "tokenizer/vocab.txt",
             "model-config.yaml", "embedding_handler.py", "MAR-INF/MANIFEST.json"} <= names
     assert "batchSize: 2" in config and "tp_degree: 2" in config and "startupTimeout" in config
+    assert "buckets" not in config  # stored once, in the manifest's bucket signatures
+    info = manifest["model"]
     assert info["output"] == "sentence_embedding" and info["sentence_transformers"] == {"pooling": "mean",
                                                                                          "normalize": True}
+    # one manifest covers every file served: graphs, weights, bucket kernel and tokenizer
+    served = {n for n in names if not n.startswith("MAR-INF/") and n not in (
+        "manifest.json", "model-config.yaml", "embedding_handler.py") and not n.endswith("/")}
+    assert served - {f"tp_{r}/{f}" for r in range(2) for f in ("trace.log", "trace_timing.json")} == set(
+        manifest["files"])
 
 
 def test_no_archive_format(built, tmp_path):

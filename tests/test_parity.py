@@ -51,3 +51,7 @@ def test_shards_really_are_sharded(minilm_tp2):
         assert tuple(q.shape) == (192, 384)
         assert tuple(graph.embeddings.word_embeddings.weight.shape) == (15261, 384)
         assert "tpserve::all_reduce" in str(graph.inlined_graph)
+        # the op takes no group name (each thread binds its group): (x, rank, world_size) only
+        reduces = [n for n in graph.inlined_graph.nodes() if n.kind() == "tpserve::all_reduce"]
+        assert reduces and all([i.type().kind() for i in n.inputs()] == ["TensorType", "IntType", "IntType"]
+                               for n in reduces)

@@ -13,8 +13,8 @@ from builders import build_tiny_bert, tiny_bert_reference
 from serving import build_mar, start_server
 
 import tracer
-from handler.embedder import Embedder
 from tracer import errors
+from tracer.engine.embedder import Embedder
 
 
 @pytest.fixture(scope="module")

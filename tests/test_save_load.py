@@ -110,6 +110,37 @@ def test_refuses_other_torch_version(saved):
         tracer.parallel_model_load(saved)
 
 
+@pytest.mark.parametrize("field, value, error, match", [
+    ("tpserve_version", "0.0.1", "TpServeVersionMismatchError", "built by tpserve 0.0.1"),
+    ("schema", 1, "ManifestError", "schema 1"),
+    ("format", "tpserve-tp/1", "ManifestError", "re-trace"),
+])
+def test_refuses_another_tpserve_version_or_format(saved, field, value, error, match):
+    """The handler and runtime come from the installed tpserve: a model built by another version
+    (or in an older format) is refused with a named error, never half-understood."""
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest[field] = value
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(getattr(errors, error), match=match):
+        tracer.parallel_model_load(saved)
+
+
+def test_manifest_is_typed_and_records_versions(saved):
+    from importlib.metadata import version
+
+    from tracer.artifacts import SCHEMA, Manifest
+
+    manifest = Manifest.read(saved)
+    assert manifest.schema == SCHEMA and manifest.tpserve_version == version("tpserve")
+    assert manifest.tp_degree == 2 and manifest.sequence_buckets() == [128] and manifest.batch_size() == 2
+
+
+def test_rank_graphs_of_another_process_are_a_named_error(saved):
+    with tracer.parallel_model_load(saved, executor="processes") as model:
+        with pytest.raises(errors.RankNotLocalError, match="runs in process"):
+            model.rank_modules(1)
+
+
 def test_ignores_files_not_in_manifest(saved, minilm_inputs, minilm_tp2):
     (saved / "tp_0" / "notes.txt").write_text("left by a user")
     (saved / "README").write_text("x")

@@ -14,7 +14,7 @@ import torch
 from conftest import MINILM_DIR
 
 from handler import grpc_client
-from handler.embedder import Embedder
+from tracer.engine.embedder import Embedder
 from tracer.errors import TextTooLongError
 
 WORDS = "serving sharded transformer models with bucketed traced graphs keeps latency low".split()

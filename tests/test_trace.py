@@ -1,6 +1,9 @@
 """Tracing semantics: buckets, shared weights, states, max_parallel_compilations, refusals."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +165,15 @@ def test_load_reads_safetensors_slices(tmp_path):
         assert torch.equal(layer.weight, full["weight"][:4])
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def test_importing_tracer_builds_and_loads_no_cpp(tmp_path):
+    """The C++ collectives are built when a rank runtime or trace worker first needs them: not on
+    `import tracer`, `tracer.errors`, the CLI's --help or the archive step (a fresh cache stays empty)."""
+    script = ("import torch, tracer, tracer.errors, tracer.build.archive, tracer.engine.embedder, tracer.trace\n"
+              "from tracer import BucketModelConfig, sequence_length_bucket_kernel\n"
+              "print(hasattr(torch.ops.tpserve, 'all_reduce'))\n")
+    env = dict(os.environ, TPSERVE_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert not (tmp_path / "cache").exists()

@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "BucketModelConfig": ".bucketing",
     "sequence_length_bucket_kernel": ".bucketing",
-    "TensorParallelModel": ".model",
+    "TensorParallelModel": ".runtime.tensor_parallel_model",
     "parallel_model_load": ".trace",
     "parallel_model_save": ".trace",
     "parallel_model_trace": ".trace",

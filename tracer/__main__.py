@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Every usage check of the command, before any work (UsageError)."""
-    from .archive import check_archive_args, check_shards
-    from .hf_checkpoint import check_checkpoint, check_output_dir, default_model_dir
+    from .build.archive import check_archive_args, check_shards
+    from .build.hf_checkpoint import check_checkpoint, check_output_dir, default_model_dir
 
     if args.command in ("trace", "build"):
         args.model = args.model if args.model is not None else default_model_dir()
@@ -95,7 +95,7 @@ def _check(args) -> None:
 def _run(args) -> None:
     shards = args.shards if args.command == "archive" else None
     if args.command in ("trace", "build"):
-        from .hf_checkpoint import trace_checkpoint
+        from .build.hf_checkpoint import trace_checkpoint
 
         started = time.time()
         trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
@@ -104,7 +104,7 @@ def _run(args) -> None:
               f"in {time.time() - started:.1f}s")
         shards = args.output
     if args.command in ("archive", "build"):
-        from .archive import build_archive
+        from .build.archive import build_archive
 
         target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay,
                                args.torchrun)

@@ -34,6 +34,14 @@ class BucketModelConfig:
         return torch.jit.script(kernel)
 
 
+def check_buckets(buckets: Sequence[int]) -> list[int]:
+    """Sequence buckets as ints, or ValueError: non-empty, positive, strictly ascending."""
+    buckets = [int(b) for b in buckets]
+    if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+        raise ValueError(f"buckets must be positive and strictly ascending, got {buckets}")
+    return buckets
+
+
 class SequenceLengthBucketKernel(nn.Module):
     """Picks the smallest bucket >= the sequence length (dim 1) and right-pads every input with 0
     (pad token id 0, attention mask 0). Longer than the largest bucket: an error, never garbage."""
@@ -42,10 +50,7 @@ class SequenceLengthBucketKernel(nn.Module):
 
     def __init__(self, buckets: Sequence[int]) -> None:
         super().__init__()
-        buckets = [int(b) for b in buckets]
-        if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
-            raise ValueError(f"buckets must be positive and strictly ascending, got {buckets}")
-        self.buckets = buckets
+        self.buckets = check_buckets(buckets)
 
     def forward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         length = inputs[0].size(1)

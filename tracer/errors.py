@@ -1,6 +1,12 @@
 """Named errors of the tracer API, so callers (and the handler) can tell bad input from bugs."""
 
 
+def last_line(exc: BaseException) -> str:
+    """`Type: last line of the message`: TorchScript and rank errors carry long tracebacks."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1]}" if text else type(exc).__name__
+
+
 class TpServeError(Exception):
     """Base class of every error tpserve raises on purpose."""
 
@@ -52,6 +58,10 @@ class TorchVersionMismatchError(ArtifactError):
     """The artifacts were traced with another torch version."""
 
 
+class TpServeVersionMismatchError(ArtifactError):
+    """The artifacts were built by another tpserve version (whose handler and runtime may differ)."""
+
+
 class InputSignatureError(TpServeError, ValueError):
     """Call inputs do not match the traced input signature (count, dtype, rank)."""
 
@@ -70,6 +80,10 @@ class RankDiedError(RankExecutionError):
 
 class RankTimeoutError(RankExecutionError):
     """A rank did not answer within the collective timeout (hung or deadlocked)."""
+
+
+class RankNotLocalError(TpServeError, LookupError):
+    """A rank's graphs were asked for, but that rank runs in another process."""
 
 
 class ModelClosedError(TpServeError, RuntimeError):

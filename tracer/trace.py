@@ -1,4 +1,7 @@
-"""parallel_model_trace / parallel_model_save / parallel_model_load (neuronx_distributed's API)."""
+"""parallel_model_trace / parallel_model_save / parallel_model_load (neuronx_distributed's API).
+
+parallel_model_load lives with the runtime (tracer/runtime/tensor_parallel_model.py): loading needs
+nothing of the build side."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ import torch
 
 from . import artifacts, neuron
 from .bucketing import BucketModelConfig
+from .build.trace_workers import run_trace_workers
 from .errors import CompilerArgsError, TraceError
-from .model import TensorParallelModel
-from .trace_worker import run_trace_workers
+from .runtime.tensor_parallel_model import TensorParallelModel, parallel_model_load  # noqa: F401 - public API
 
 # compiler_args the CPU backend understands; anything else is refused, never silently ignored.
 _CPU_COMPILER_FLAGS = {
@@ -96,15 +99,17 @@ def parallel_model_trace(func, example_inputs, compiler_workdir=None, compiler_a
                     intra_op) for rank in range(tp_degree)]
     results = run_trace_workers(worker_args, workers)
     results.sort(key=lambda r: r["rank"])
-    if bucket_config is not None:
-        bucket_config.scripted_kernel().save(str(out_dir / "bucket_kernel.pt"))
     files = {name: digest for r in results for name, digest in r["files"].items()}
+    kernel = None
     if bucket_config is not None:
-        files["bucket_kernel.pt"] = artifacts.sha256(out_dir / "bucket_kernel.pt")
-    manifest = artifacts.write_manifest(out_dir, tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff),
-                             buckets=signatures, aliases=results[0]["aliases"], files=files,
-                             extra={"trace_timing": [{k: v for k, v in r.items() if k not in ("files", "aliases")}
-                                                    for r in results]})
+        kernel = artifacts.BUCKET_KERNEL
+        bucket_config.scripted_kernel().save(str(out_dir / kernel))
+        files[kernel] = artifacts.sha256(out_dir / kernel)
+    manifest = artifacts.Manifest(
+        tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff), buckets=signatures,
+        aliases=results[0]["aliases"], files=files, bucket_kernel=kernel,
+        trace_timing=[{k: v for k, v in r.items() if k not in ("files", "aliases")} for r in results])
+    manifest.write(out_dir)  # last: everything it names is on disk
     model = TensorParallelModel(out_dir, manifest)  # just written and hashed: no need to re-verify
     if temporary:  # the temp dir lives as long as the model (save copies from it)
         weakref.finalize(model, shutil.rmtree, workdir, True)
@@ -120,21 +125,3 @@ def parallel_model_save(model: TensorParallelModel, save_dir) -> None:
     source, target = model.load_dir, Path(save_dir)
     if target.resolve() != source.resolve():
         artifacts.copy_artifacts(source, target, model.manifest)
-
-
-def parallel_model_load(load_dir, *, tp_degree: int | None = None, threads_per_rank: int | None = None,
-                        executor: str = "threads", device: str = "cpu",
-                        collective_timeout_s: float = 30.0) -> TensorParallelModel:
-    """Load a saved model; verifies the manifest, rank directories and checksums first.
-
-    executor: "threads" (default; ranks as threads of this process) or "processes" (one process per
-    rank over torch.distributed: gloo for device="cpu", NCCL for device="cuda" with rank r on cuda:r).
-    threads_per_rank defaults to this process's intra-op threads divided by tp_degree. A rank that
-    dies or hangs makes the next call raise (RankDiedError / RankTimeoutError) within
-    collective_timeout_s."""
-    root = Path(load_dir)
-    if neuron.available() and not (root / artifacts.MANIFEST).exists():
-        return neuron.module("trace").parallel_model_load(str(root))
-    manifest = artifacts.read_verified_manifest(root, tp_degree=tp_degree)
-    return TensorParallelModel(root, manifest, threads_per_rank=threads_per_rank, executor=executor, device=device,
-                               collective_timeout_s=collective_timeout_s)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import collectives
 from ..errors import CheckpointShapeError
+from ..runtime import collectives
 from . import parallel_state
 
 

@@ -1,13 +1,12 @@
 """Package traced shards as a TorchServe model archive with torch-model-archiver.
 
 The shards folder is passed as ONE --extra-files folder: its contents (tp_{rank}/, manifest.json,
-tokenizer/, tpserve-model.json) land in the model dir with subfolders kept. (Listing files from
+tokenizer/) land in the model dir with subfolders kept. (Listing files from
 several folders instead would silently flatten same-named files such as tp_0/bucket_0.pt.)
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -15,26 +14,25 @@ from pathlib import Path
 
 import yaml
 
-from .artifacts import MANIFEST
-from .errors import UsageError
-from .hf_checkpoint import MODEL_INFO, check_output_dir
+from ..artifacts import MANIFEST, Manifest
+from ..errors import ManifestError, UsageError
+from .hf_checkpoint import check_output_dir
 
-HANDLER = Path(__file__).resolve().parent.parent / "handler" / "embedding_handler.py"
+HANDLER = Path(__file__).resolve().parents[2] / "handler" / "embedding_handler.py"
 
 
-def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) -> dict:
+def model_config(manifest: Manifest, max_batch_delay_ms: int, torchrun: bool = False) -> dict:
     """model-config.yaml: TorchServe's worker settings plus our handler's. torchrun=True: TorchServe
     starts each worker as tp_degree processes with torchrun, one rank each (parallelType tp)."""
     config = {
         "minWorkers": 1,
         "maxWorkers": 1,
-        "batchSize": info["batch_size"],
+        "batchSize": manifest.batch_size(),
         "maxBatchDelay": max_batch_delay_ms,
         "responseTimeout": 120,
         "startupTimeout": 600,  # loading verifies checksums and binds every rank's weights
         "handler": {
-            "tp_degree": info["tp_degree"],
-            "buckets": info["buckets"],
+            "tp_degree": manifest.tp_degree,
             "max_inputs_per_request": 64,
             "too_long": "truncate",  # or "reject" (413)
         },
@@ -42,13 +40,20 @@ def model_config(info: dict, max_batch_delay_ms: int, torchrun: bool = False) ->
     if torchrun:
         config["parallelType"] = "tp"
         # rendezvous on loopback with a free port (as `torchrun --standalone`), not the fixed 29400
-        config["torchrun"] = {"nproc-per-node": info["tp_degree"], "rdzv-endpoint": "127.0.0.1:0"}
+        config["torchrun"] = {"nproc-per-node": manifest.tp_degree, "rdzv-endpoint": "127.0.0.1:0"}
     return config
 
 
-def check_shards(shards: Path) -> None:
-    if not (shards / MANIFEST).is_file() or not (shards / MODEL_INFO).is_file():
+def check_shards(shards: Path) -> Manifest:
+    """The manifest of a folder written by `python -m tracer trace` (checksums are verified when
+    the model is loaded)."""
+    try:
+        manifest = Manifest.read(shards) if (shards / MANIFEST).is_file() else None
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    if manifest is None or manifest.model is None:
         raise UsageError(f"{shards}: not a traced shards folder (run `python -m tracer trace` first)")
+    return manifest
 
 
 def check_archive_args(model_name: str, export_path: Path, archive_format: str, max_batch_delay_ms: int) -> None:
@@ -63,13 +68,12 @@ def check_archive_args(model_name: str, export_path: Path, archive_format: str, 
 
 def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
                   max_batch_delay_ms: int = 2, torchrun: bool = False) -> Path:
-    check_shards(shards)
+    manifest = check_shards(shards)
     check_archive_args(model_name, export_path, archive_format, max_batch_delay_ms)
-    info = json.loads((shards / MODEL_INFO).read_text())
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(info, max_batch_delay_ms, torchrun), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config(manifest, max_batch_delay_ms, torchrun), sort_keys=False))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
                    "--version", "1.0", "--handler", str(HANDLER), "--extra-files", str(shards),
                    "--config-file", str(config_file), "--export-path", str(export_path),

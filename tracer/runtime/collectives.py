@@ -1,8 +1,12 @@
-"""Builds and loads the C++ collective ops (tracer/csrc/collectives.cpp) and wraps their controls.
+"""Builds and loads the C++ collective ops (csrc/collectives.cpp) and wraps their controls.
 
-The library is compiled with the machine's g++ against the installed torch on first import and
-cached (keyed by source and torch version) in $TPSERVE_CACHE_DIR or ~/.cache/tpserve, so a fresh
-machine needs nothing but `make test`. The .so must be loaded before any traced graph is.
+The library is compiled with the machine's g++ against the installed torch when a rank runtime or a
+trace worker first needs it (not on import: `python -m tracer --help`, the archive step and the
+handler's error types never pay for it), and cached (keyed by source, torch and Python version) in
+$TPSERVE_CACHE_DIR or ~/.cache/tpserve. It must be loaded before any traced graph is (RankShard).
+
+The ops take no group: each thread binds its group and rank (bind / bind_process_group) before it
+runs a graph, so the same saved graph runs on rank threads or on torch.distributed processes.
 """
 
 from __future__ import annotations
@@ -18,13 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from ..cache_dir import cache_dir
+
 SOURCE = Path(__file__).parent / "csrc" / "collectives.cpp"
-LOGICAL_GROUP = "tp"  # the group name recorded in traced graphs; executors bind the real one
-
-
-def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "tpserve"
-    return Path(os.environ.get("TPSERVE_CACHE_DIR", default))
 
 
 def _compile_command(output: Path) -> list[str]:
@@ -43,7 +43,7 @@ def _compile_command(output: Path) -> list[str]:
 def library_path() -> Path:
     """Path of the compiled library, building it if this source/torch pair has none yet."""
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode())
-    cache = _cache_dir()
+    cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     output = cache / f"tpserve_collectives_{key.hexdigest()[:16]}.so"
     if output.exists():
@@ -59,34 +59,62 @@ def library_path() -> Path:
     return output
 
 
-def load_library() -> None:
+def ops():
+    """torch.ops.tpserve, with the library built and loaded on first use."""
     if not hasattr(torch.ops.tpserve, "all_reduce"):
         torch.ops.load_library(str(library_path()))
+    return torch.ops.tpserve
 
-
-load_library()
-_ops = torch.ops.tpserve
 
 
 def all_reduce(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    return _ops.all_reduce(x, LOGICAL_GROUP, rank, world_size)
+    return ops().all_reduce(x, rank, world_size)
 
 
 def all_gather(x: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tensor:
-    return _ops.all_gather(x, dim, LOGICAL_GROUP, rank, world_size)
+    return ops().all_gather(x, dim, rank, world_size)
 
 
 def bind_trace() -> None:
     """Collectives on this thread return right-shaped tensors without talking to other ranks."""
-    _ops._bind_trace()
+    ops()._bind_trace()
 
 
-create_group = _ops._create_group
-destroy_group = _ops._destroy_group
-bind = _ops._bind
-bind_process_group = _ops._bind_process_group  # c10d group name: collectives run on torch.distributed
-unbind = _ops._unbind
-abort = _ops._abort
-reset = _ops._reset
-set_timeout = _ops._set_timeout
-take_collective_ns = _ops._take_collective_ns
+def create_group(name: str, world_size: int) -> None:
+    ops()._create_group(name, world_size)
+
+
+def destroy_group(name: str) -> None:
+    ops()._destroy_group(name)
+
+
+def bind(name: str, rank: int) -> None:
+    """This thread is `rank` of the rank-thread group `name`."""
+    ops()._bind(name, rank)
+
+
+def bind_process_group(group_name: str) -> None:
+    """This thread's collectives run c10d's functional collectives on that torch.distributed group."""
+    ops()._bind_process_group(group_name)
+
+
+def unbind() -> None:
+    ops()._unbind()
+
+
+def abort(name: str) -> None:
+    """Release every rank waiting in a collective of `name` (one rank failed)."""
+    ops()._abort(name)
+
+
+def reset(name: str) -> None:
+    ops()._reset(name)
+
+
+def set_timeout(name: str, ms: int) -> None:
+    ops()._set_timeout(name, ms)
+
+
+def take_collective_ns() -> int:
+    """Nanoseconds this thread spent in collectives since the last call (benchmark)."""
+    return ops()._take_collective_ns()

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import artifacts, collectives
-from .errors import TraceError
-from .model import set_tensor
-from .parallel_layers import parallel_state
+from .. import artifacts
+from ..errors import TraceError, last_line
+from ..parallel_layers import parallel_state
+from ..runtime import collectives
+from ..runtime.rank_shard import set_tensor
 
 
 def _alias_names(model: torch.nn.Module, states, outputs: int) -> dict[str, int]:
@@ -103,7 +104,7 @@ def _worker_main(conn, args: tuple) -> None:
     try:
         conn.send((True, trace_rank(*args)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as text (may not pickle)
-        conn.send((False, f"{type(exc).__name__}: {exc}"))
+        conn.send((False, last_line(exc)))
     finally:
         conn.close()
         os._exit(0)  # skip interpreter teardown (~1.4 s with torch loaded): the result is sent

@@ -3,34 +3,47 @@ put each text in the smallest bucket that fits, run one sub-batch per bucket.
 
 Grouping by bucket means a short text is never padded to the longest text of its batch; results
 equal sending each text alone (padding is masked out) and come back in input order. Used by the
-TorchServe handler and, without a server, in-process.
+TorchServe handler (handler/embedding_handler.py) and, without a server, in-process.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-import tracer
-from tracer.errors import TextTooLongError
-from tracer.hf_checkpoint import MODEL_INFO, load_tokenizer
+from ..artifacts import tokenizer_file
+from ..errors import ManifestError, TextTooLongError
+from ..runtime.tensor_parallel_model import parallel_model_load
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's fast tokenizer (verified with the model), with its own padding/truncation
+    off: buckets pad, and the embedder decides what happens to text that is too long."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file(model_dir)))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 class Embedder:
     def __init__(self, model_dir, tp_degree: int | None = None, too_long: str = "truncate",
                  executor: str = "threads") -> None:
         model_dir = Path(model_dir)
-        info = json.loads((model_dir / MODEL_INFO).read_text())
         if too_long not in ("truncate", "reject"):
             raise ValueError(f"too_long must be truncate or reject, got {too_long!r}")
-        self.model = tracer.parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor)
+        self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor)
+        info = self.model.manifest.model
+        if info is None or self.model.manifest.bucket_kernel is None:
+            self.model.close()
+            raise ManifestError(f"{model_dir}: not built by the offline tracer (no model info or buckets)")
         self.tokenizer = load_tokenizer(model_dir)
-        self.buckets: list[int] = info["buckets"]
-        self.batch_size: int = info["batch_size"]
+        self.buckets: list[int] = self.model.manifest.sequence_buckets()
+        self.batch_size: int = self.model.manifest.batch_size()
         # sentence-transformers truncates at max_seq_length; a model traced with smaller buckets
         # truncates at its largest bucket (the tracer warned)
         self.max_tokens = min(info.get("max_seq_length") or self.buckets[-1], self.buckets[-1])
@@ -55,10 +68,11 @@ class Embedder:
                                    f"the limit is {limit}")
         return [ids[:limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded], bool(too_long)
 
-    def embed_ids(self, token_ids: list[list[int]], metrics=None) -> list:
+    def embed_ids(self, token_ids: list[list[int]], on_sub_batch=None) -> list:
         """Embeddings in input order; one sub-batch (of at most batch_size) per bucket. A sub-batch
         that fails (e.g. RankExecutionError) yields its exception in place of each of its
-        embeddings: the rest of the batch is still answered."""
+        embeddings: the rest of the batch is still answered. on_sub_batch(bucket, rows, real_tokens,
+        seconds) is called after each sub-batch the model ran (the handler's metrics)."""
         by_bucket: dict[int, list[int]] = defaultdict(list)
         for i, ids in enumerate(token_ids):
             by_bucket[next(b for b in self.buckets if len(ids) <= b)].append(i)
@@ -78,9 +92,9 @@ class Embedder:
                     for i in chunk:
                         results[i] = exc
                     continue
-                if metrics is not None:
-                    _report(metrics, bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
-                            time.perf_counter() - started)
+                if on_sub_batch is not None:
+                    on_sub_batch(bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
+                                 time.perf_counter() - started)
                 for row, i in enumerate(chunk):
                     results[i] = rows[row]
         return results
@@ -94,18 +108,3 @@ class Embedder:
 
     def close(self) -> None:
         self.model.close()
-
-
-def _report(metrics, bucket: int, rows: int, real_tokens: int, model_s: float) -> None:
-    """TorchServe metrics (Prometheus on the metrics port), per bucket: texts run (counter), and per
-    sub-batch the model time and the padded share of its tokens as histograms (a gauge would keep only
-    the last value). TorchServe gives histograms Prometheus' default buckets (5 ms .. 10 s, and
-    0.005 .. 1 for a ratio), so both are in seconds / ratios, not ms / percent."""
-    from ts.metrics.dimension import Dimension
-    from ts.metrics.metric_type_enum import MetricTypes
-
-    dims = [Dimension("bucket", str(bucket))]
-    metrics.add_counter("TextsPerBucket", rows, dimensions=dims)
-    metrics.add_metric("ModelSeconds", model_s, "s", dimensions=dims, metric_type=MetricTypes.HISTOGRAM)
-    metrics.add_metric("PaddingRatio", 1 - real_tokens / (bucket * rows), "ratio", dimensions=dims,
-                       metric_type=MetricTypes.HISTOGRAM)

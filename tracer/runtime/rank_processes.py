@@ -1,7 +1,7 @@
 """Rank processes: one process per tensor-parallel rank over torch.distributed.
 
 For GPUs (NCCL, rank r on cuda:r) and anything beyond one CPU host; on one CPU host rank threads
-are faster (tracer/executor.py). The saved graphs are the same: each process binds its thread to
+are faster (rank_threads.py). The saved graphs are the same: each process binds its thread to
 the process group, and the graphs' tpserve collectives run c10d's functional collectives.
 
 Rendezvous is a TCPStore that this process owns on a pre-bound 127.0.0.1 socket with a free port
@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from .errors import RankDiedError, RankExecutionError, RankTimeoutError
+from ..artifacts import Manifest
+from ..errors import RankDiedError, RankExecutionError, RankNotLocalError, RankTimeoutError, last_line
+from .executor import root_cause
 
 _PR_SET_PDEATHSIG = 1
 
@@ -37,18 +39,13 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _last_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
-
-
-def _rank_main(conn, parent_pid: int, rank: int, tp_degree: int, port: int, load_dir: str, manifest: dict,
+def _rank_main(conn, parent_pid: int, rank: int, tp_degree: int, port: int, load_dir: str, manifest: Manifest,
                device: str, threads: int, timeout_s: float) -> None:
     die_with_parent(parent_pid)
     import torch.distributed as dist
 
     from . import collectives
-    from .model import RankShard
+    from .rank_shard import RankShard
 
     try:
         torch.set_num_threads(threads)
@@ -63,7 +60,7 @@ def _rank_main(conn, parent_pid: int, rank: int, tp_degree: int, port: int, load
         collectives.bind_process_group(dist.group.WORLD.group_name)
         conn.send(("ready", os.getpid()))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", _last_line(exc)))
+        conn.send(("error", last_line(exc)))
         return
     while (request := conn.recv()) is not None:
         bucket, inputs = request
@@ -74,7 +71,7 @@ def _rank_main(conn, parent_pid: int, rank: int, tp_degree: int, port: int, load
                     torch.cuda.synchronize()
             conn.send(("ok", _to_cpu(output) if rank == 0 else None))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            conn.send(("error", _last_line(exc)))
+            conn.send(("error", last_line(exc)))
     dist.destroy_process_group()
 
 
@@ -85,11 +82,11 @@ def _to_cpu(output: Any) -> Any:
 
 
 class RankProcesses:
-    def __init__(self, load_dir: Path, manifest: dict, device: str = "cpu", threads_per_rank: int | None = None,
+    def __init__(self, load_dir: Path, manifest: Manifest, device: str = "cpu", threads_per_rank: int | None = None,
                  collective_timeout_s: float = 30.0) -> None:
         import torch.distributed as dist
 
-        self.tp_degree = int(manifest["tp_degree"])
+        self.tp_degree = manifest.tp_degree
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and self.tp_degree > torch.cuda.device_count():
@@ -156,7 +153,7 @@ class RankProcesses:
         errors = [(rank, value) for rank, (kind, value) in sorted(replies.items()) if kind == "error"]
         if errors:
             # A failed collective leaves the process group unusable: break for good.
-            rank, message = min(errors, key=lambda e: "timed out" in e[1] or "Connection closed" in e[1])
+            rank, message = root_cause(errors)
             self._broken = RankExecutionError(f"rank {rank} failed during the {what}: {message}")
             raise self._broken
         return [value for _, (_, value) in sorted(replies.items())]
@@ -170,6 +167,9 @@ class RankProcesses:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # its death is reported by _collect
         return self._collect(self.timeout_s + 10, what="call")[0]
+
+    def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
+        raise RankNotLocalError(f"rank {rank} runs in process {self._processes[rank].pid}, not in this one")
 
     def close(self) -> None:
         for conn in self._conns:

@@ -1,7 +1,7 @@
 """Rank threads: one thread per tensor-parallel rank, all in this process.
 
 Traced graphs release the GIL, so the ranks run truly in parallel; their collectives meet in the
-C++ spin barrier of tracer/csrc/collectives.cpp. Each rank gets a share of the intra-op threads.
+C++ spin barrier of csrc/collectives.cpp. Each rank gets a share of the intra-op threads.
 Rank 0 runs on the calling thread: OpenMP's worker pool belongs to the thread that uses it, and
 the caller's pool is already warm (measured: tp=1 MiniLM 14 ms on the caller, 22 ms on a new thread).
 """
@@ -12,20 +12,26 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..artifacts import Manifest
+from ..errors import RankExecutionError, last_line
 from . import collectives
-from .errors import RankExecutionError
+from .executor import root_cause
+from .rank_shard import RankShard
 
 _group_ids = itertools.count()
 
 
 class RankThreads:
-    def __init__(self, tp_degree: int, threads_per_rank: int, collective_timeout_s: float = 30.0) -> None:
-        self.tp_degree = tp_degree
-        self.threads_per_rank = threads_per_rank
+    def __init__(self, load_dir: Path, manifest: Manifest, threads_per_rank: int | None = None,
+                 collective_timeout_s: float = 30.0) -> None:
+        self.tp_degree = tp_degree = manifest.tp_degree
+        self.threads_per_rank = threads_per_rank or max(1, torch.get_num_threads() // tp_degree)
+        self.shards = [RankShard(Path(load_dir), manifest, rank) for rank in range(tp_degree)]
         self.group = f"tpserve-{id(self):x}-{next(_group_ids)}"
         collectives.create_group(self.group, tp_degree)
         collectives.set_timeout(self.group, int(collective_timeout_s * 1000))
@@ -72,14 +78,22 @@ class RankThreads:
         failures = [(rank, value) for rank, (ok, value) in sorted(outcomes.items()) if not ok]
         if failures:
             collectives.reset(self.group)  # every rank has returned: safe to clear the barrier
-            rank, exc = min(failures, key=lambda f: "aborted" in str(f[1]))  # the root cause first
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-            raise RankExecutionError(f"rank {rank} failed: {message}") from exc
+            rank, message = root_cause([(rank, last_line(exc)) for rank, exc in failures])
+            raise RankExecutionError(f"rank {rank} failed: {message}") from dict(failures)[rank]
         return [outcomes[rank][1] for rank in range(self.tp_degree)]
 
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+        return self.run(lambda rank: self.shards[rank].run(bucket, inputs))[0]
+
+    def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
+        return list(self.shards[rank].graphs)
+
     def close(self) -> None:
+        if self._threads is None:
+            return
         for rank in range(1, self.tp_degree):
             self._jobs[rank].put(None)
         for thread in self._threads:
             thread.join()
+        self._threads = None
         collectives.destroy_group(self.group)

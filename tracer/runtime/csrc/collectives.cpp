@@ -1,6 +1,6 @@
 // Collectives recorded inside traced graphs: tpserve::all_reduce / tpserve::all_gather.
 //
-// At run time each rank is a thread of one process (see tracer/executor.py). A thread binds itself
+// At run time each rank is a thread of one process (see tracer/runtime/rank_threads.py). A thread binds itself
 // to a group and a rank; the op then exchanges tensors with the other rank threads through shared
 // slots and a spin barrier (a few microseconds; a Python barrier costs ~150 us). While tracing, a
 // thread binds "trace mode": the op returns a tensor of the right shape without communicating, so
@@ -107,7 +107,7 @@ at::Tensor c10d_call(const char* op, std::vector<c10::IValue> args) {
   return waited[0].toTensor();
 }
 
-at::Tensor all_reduce(const at::Tensor& x, c10::string_view group, int64_t rank, int64_t world) {
+at::Tensor all_reduce(const at::Tensor& x, int64_t rank, int64_t world) {
   if (mode == Mode::Trace) return x.clone();
   if (mode == Mode::ProcessGroup) {
     Timer timer;
@@ -125,8 +125,7 @@ at::Tensor all_reduce(const at::Tensor& x, c10::string_view group, int64_t rank,
   return out;
 }
 
-at::Tensor all_gather(const at::Tensor& x, int64_t dim, c10::string_view group, int64_t rank,
-                      int64_t world) {
+at::Tensor all_gather(const at::Tensor& x, int64_t dim, int64_t rank, int64_t world) {
   if (mode == Mode::Trace) return at::cat(std::vector<at::Tensor>(world, x), dim);
   if (mode == Mode::ProcessGroup) {
     Timer timer;
@@ -207,8 +206,9 @@ int64_t take_collective_ns() {
 }  // namespace
 
 TORCH_LIBRARY(tpserve, m) {
-  m.def("all_reduce(Tensor x, str group, int rank, int world_size) -> Tensor");
-  m.def("all_gather(Tensor x, int dim, str group, int rank, int world_size) -> Tensor");
+  // No group argument: the group is the one this thread bound (_bind / _bind_process_group).
+  m.def("all_reduce(Tensor x, int rank, int world_size) -> Tensor");
+  m.def("all_gather(Tensor x, int dim, int rank, int world_size) -> Tensor");
   m.def("_create_group(str name, int world_size) -> ()", &create_group);
   m.def("_destroy_group(str name) -> ()", &destroy_group);
   m.def("_bind(str name, int rank) -> ()", &bind);

@@ -1,7 +1,8 @@
 """Trace a Hugging Face BERT-family checkpoint directory into tensor-parallel shards.
 
-Output layout (SHARDS_DIR): tp_{rank}/ and manifest.json (parallel_model_save), tokenizer/ (the
-checkpoint's tokenizer files) and tpserve-model.json (what the handler needs to serve it).
+Output (SHARDS_DIR): what parallel_model_save writes, plus tokenizer/ (the checkpoint's tokenizer
+files); the manifest is then rewritten to cover those too and to carry the model info the engine
+needs (pooling, max_seq_length, ...): one verified manifest for everything served.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from . import parallel_model_save, parallel_model_trace
-from .bucketing import BucketModelConfig, sequence_length_bucket_kernel
-from .errors import UsageError
-from .models.bert import load_bert
-from .models.sentence import load_sentence_model, sentence_transformers_settings
+from .. import artifacts
+from ..bucketing import BucketModelConfig, check_buckets, sequence_length_bucket_kernel
+from ..errors import UsageError
+from ..models.bert import load_bert
+from ..models.sentence import load_sentence_model, sentence_transformers_settings
+from ..trace import parallel_model_save, parallel_model_trace
 
 SUPPORTED = "BertModel-architecture checkpoints (model_type 'bert': MiniLM, bert-base, bert-large, ...)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-MODEL_INFO = "tpserve-model.json"
 
 
 def default_model_dir() -> Path:
@@ -94,9 +95,10 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
         if config[name] % tp_degree:
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
     max_tokens = max_seq_length(model_dir, config)
-    buckets = default_buckets(max_tokens) if buckets is None else buckets
-    if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
-        raise UsageError(f"--buckets must be positive and strictly ascending, got {buckets}")
+    try:
+        buckets = check_buckets(default_buckets(max_tokens) if buckets is None else buckets)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
     if buckets[-1] > config["max_position_embeddings"]:
         raise UsageError(f"--buckets: {buckets[-1]} exceeds max_position_embeddings="
                          f"{config['max_position_embeddings']}")
@@ -121,9 +123,10 @@ def check_output_dir(path: Path, flag: str = "--output") -> None:
 
 
 def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, output: Path, batch_size: int = 1,
-                     max_parallel_compilations: int | None = None, func=None) -> dict:
+                     max_parallel_compilations: int | None = None, func=None) -> artifacts.Manifest:
     """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model).
     buckets=None: 16, 32, ... up to the model's max_seq_length."""
+    output = Path(output)
     config, buckets, max_tokens = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
                                                    max_parallel_compilations)
     check_output_dir(Path(output))
@@ -145,34 +148,22 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
                                  bucket_config=BucketModelConfig(sequence_length_bucket_kernel(buckets)),
                                  max_parallel_compilations=max_parallel_compilations)
     parallel_model_save(model, output)
-    timing = model.manifest.get("trace_timing", [])
+    manifest = model.manifest
     model.close()
-    (output / "tokenizer").mkdir(exist_ok=True)
+    (output / artifacts.TOKENIZER_DIR).mkdir(exist_ok=True)
+    tokenizer_files = []
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, output / "tokenizer" / name)
-    info = {
+            shutil.copyfile(model_dir / name, output / artifacts.TOKENIZER_DIR / name)
+            tokenizer_files.append(f"{artifacts.TOKENIZER_DIR}/{name}")
+    manifest.add_files(output, tokenizer_files)
+    manifest.model = {
         "output": "sentence_embedding" if sentence else "last_hidden_state",
         "sentence_transformers": sentence,
-        "tp_degree": tp_degree,
-        "buckets": buckets,
         "max_seq_length": max_tokens,
-        "batch_size": batch_size,
         "hidden_size": config["hidden_size"],
         "source": str(model_dir),
         "trace_seconds": round(time.time() - started, 2),
-        "trace_timing": timing,
     }
-    (output / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def load_tokenizer(shards_dir: Path):
-    """The checkpoint's fast tokenizer, with its own padding/truncation off: buckets pad, and the
-    caller decides what happens to text longer than the largest bucket."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(shards_dir) / "tokenizer" / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
+    manifest.write(output)  # last, covering the tokenizer too
+    return manifest

@@ -12,15 +12,18 @@ from typing import Any
 
 import torch
 
+from ..artifacts import Manifest
+from ..errors import RankNotLocalError
 from . import collectives
-from .model import RankShard
+from .rank_shard import RankShard
 
 
 class TorchrunRank:
-    def __init__(self, load_dir: Path, manifest: dict, device: str = "cpu", collective_timeout_s: float = 30.0) -> None:
+    def __init__(self, load_dir: Path, manifest: Manifest, device: str = "cpu",
+                 collective_timeout_s: float = 30.0) -> None:
         import torch.distributed as dist
 
-        self.tp_degree = int(manifest["tp_degree"])
+        self.tp_degree = manifest.tp_degree
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"executor='torchrun' needs torchrun's environment; missing {missing}")
@@ -41,6 +44,11 @@ class TorchrunRank:
                 return self.shard.run(bucket, [x.to(self.device) for x in inputs])
         finally:
             collectives.unbind()
+
+    def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
+        if rank != self.rank:
+            raise RankNotLocalError(f"rank {rank} runs in another torchrun process (this one is rank {self.rank})")
+        return list(self.shard.graphs)
 
     def close(self) -> None:
         pass  # the process group belongs to the process torchrun started

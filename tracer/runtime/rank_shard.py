@@ -1,0 +1,54 @@
+"""One rank's part of a saved model: its traced graphs (one per bucket) bound to one shared copy of
+its weights and one set of state tensors, whichever bucket runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .. import artifacts
+from . import collectives
+
+
+def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+def get_tensor(module: torch.jit.ScriptModule, dotted: str) -> torch.Tensor:
+    owner, leaf = _resolve(module, dotted)
+    return getattr(owner, leaf)
+
+
+def set_tensor(module: torch.jit.ScriptModule, dotted: str, value: torch.Tensor) -> None:
+    """Rebind a graph's parameter/buffer to `value` itself (no copy): graphs of several buckets then
+    share one tensor, and an in-place write by one is seen by all."""
+    owner, leaf = _resolve(module, dotted)
+    owner._c.setattr(leaf, value)
+
+
+class RankShard:
+    def __init__(self, load_dir: Path, manifest: artifacts.Manifest, rank: int, device: str = "cpu") -> None:
+        collectives.ops()  # the graphs call tpserve:: ops: the library must be loaded first
+        self.graphs = [torch.jit.load(str(load_dir / artifacts.bucket_file(rank, b)), map_location=device)
+                       for b in range(len(manifest.buckets))]
+        if not manifest.inline_weights:
+            shared = load_file(str(load_dir / artifacts.weights_file(rank)), device=device)
+        else:  # state tensors must still be one per rank, whichever bucket updates them
+            shared = {name: get_tensor(self.graphs[0], name) for name in manifest.aliases}
+        for graph in self.graphs:
+            for name, tensor in shared.items():
+                set_tensor(graph, name, tensor)
+            graph.eval()
+        self.states = [(get_tensor(self.graphs[0], name), index) for name, index in manifest.aliases.items()]
+
+    def run(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+        output = self.graphs[bucket](*inputs)
+        for state, index in self.states:  # input->output aliases: keep the update for the next call
+            state.copy_(output[index])
+        return output
