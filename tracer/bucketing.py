@@ -3,7 +3,7 @@ TorchScript kernel that picks the bucket and pads the inputs to it at call time.
 
 
 from collections.abc import Callable, Sequence
-from typing import Any, List  # noqa: UP035
+from typing import Any, List, Tuple  # noqa: UP035
 
 import torch
 from torch import nn
@@ -69,5 +69,47 @@ def sequence_length_bucket_kernel(buckets: Sequence[int]) -> Callable[..., torch
 
     def factory(*_: Any) -> torch.jit.ScriptModule:
         return torch.jit.script(SequenceLengthBucketKernel(buckets))
+
+    return factory
+
+
+class DecoderBucketKernel(nn.Module):
+    """Buckets of a decoder (tracer/models/llama.py), inputs [input_ids, positions, slots, last]:
+    several tokens per row (prefill) take the smallest prefill bucket >= their count, padded on the
+    right with token 0 at the next positions (written to the cache past the prompt, never attended,
+    overwritten as generation reaches them); one token per row (generation) takes the smallest
+    context bucket that holds every row's position. Bucket index: prefill buckets first, then contexts."""
+
+    prefill: List[int]  # noqa: UP006
+    contexts: List[int]  # noqa: UP006
+
+    def __init__(self, prefill: Sequence[int], contexts: Sequence[int]) -> None:
+        super().__init__()
+        self.prefill, self.contexts = check_buckets(prefill), check_buckets(contexts)
+
+    def forward(self, inputs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:  # noqa: UP006
+        ids, positions = inputs[0], inputs[1]
+        length = ids.size(1)
+        if length == 1:
+            needed = int(positions.max()) + 1
+            for index, context in enumerate(self.contexts):
+                if needed <= context:
+                    return inputs, torch.tensor([len(self.prefill) + index])
+            raise ValueError(f"position {needed - 1} is past the largest context bucket {self.contexts[-1]}")
+        for index, bucket in enumerate(self.prefill):
+            if length <= bucket:
+                pad = bucket - length
+                more = positions[:, -1:] + torch.ones_like(positions[:, :1]).expand(-1, pad).cumsum(1)
+                return [torch.nn.functional.pad(ids, [0, pad]), torch.cat([positions, more], 1),
+                        inputs[2], inputs[3]], torch.tensor([index])
+        raise ValueError(f"{length} tokens exceed the largest prefill bucket {self.prefill[-1]}")
+
+
+def decoder_bucket_kernel(prefill: Sequence[int], contexts: Sequence[int]) -> Callable[..., torch.jit.ScriptModule]:
+    """A `bucket_kernel` factory for a decoder's prefill and generation graphs."""
+    DecoderBucketKernel(prefill, contexts)
+
+    def factory(*_: Any) -> torch.jit.ScriptModule:
+        return torch.jit.script(DecoderBucketKernel(prefill, contexts))
 
     return factory

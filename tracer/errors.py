@@ -94,5 +94,14 @@ class TextTooLongError(TpServeError, ValueError):
     """A text has more tokens than the model reads, and the embedder was told to reject, not truncate."""
 
 
+class GenerationRequestError(TpServeError, ValueError):
+    """A generation request the model cannot run (bad sampling values, prompt too long, ...);
+    status is the HTTP status a server should answer (400, or 413 for a prompt over the limit)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UsageError(TpServeError, ValueError):
     """A misuse of the offline tracer found before any work starts (the CLI exits 2)."""

@@ -108,7 +108,11 @@ def parallel_model_trace(func, example_inputs, compiler_workdir=None, compiler_a
     manifest = artifacts.Manifest(
         tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff), buckets=signatures,
         aliases=results[0]["aliases"], files=files, bucket_kernel=kernel,
-        trace_timing=[{k: v for k, v in r.items() if k not in ("files", "aliases")} for r in results])
+        runtime_states=results[0]["runtime_states"],
+        trace_timing=[{k: v for k, v in r.items() if k not in ("files", "aliases", "runtime_states")}
+                      for r in results])
+    if any(r["runtime_states"] != manifest.runtime_states for r in results):
+        raise TraceError("the ranks' run-time states (e.g. KV caches) differ in shape; every rank must match")
     manifest.write(out_dir)  # last: everything it names is on disk
     model = TensorParallelModel(out_dir, manifest)  # just written and hashed: no need to re-verify
     if temporary:  # the temp dir lives as long as the model (save copies from it)

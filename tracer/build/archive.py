@@ -18,20 +18,23 @@ from ..artifacts import MANIFEST, Manifest
 from ..errors import ManifestError, UsageError
 from .hf_checkpoint import check_output_dir
 
-HANDLER = Path(__file__).resolve().parents[2] / "handler" / "embedding_handler.py"
+HANDLERS = {kind: Path(__file__).resolve().parents[2] / "handler" / f"{kind}_handler.py"
+            for kind in ("embedding", "generation")}
 
 
 def model_config(manifest: Manifest, max_batch_delay_ms: int, torchrun: bool = False) -> dict:
     """model-config.yaml: TorchServe's worker settings plus our handler's. torchrun=True: TorchServe
     starts each worker as tp_degree processes with torchrun, one rank each (parallelType tp)."""
+    generation = manifest.model.get("kind") == "generation"
     config = {
         "minWorkers": 1,
         "maxWorkers": 1,
-        "batchSize": manifest.batch_size(),
+        # generation: the requests of one batch decode together, one cache row each
+        "batchSize": manifest.model["decoder"]["max_batch"] if generation else manifest.batch_size(),
         "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": 120,
+        "responseTimeout": 300 if generation else 120,
         "startupTimeout": 600,  # loading verifies checksums and binds every rank's weights
-        "handler": {
+        "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": 256} if generation else {
             "tp_degree": manifest.tp_degree,
             "max_inputs_per_request": 64,
             "too_long": "truncate",  # or "reject" (413)
@@ -75,7 +78,8 @@ def build_archive(shards: Path, model_name: str, export_path: Path, archive_form
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(manifest, max_batch_delay_ms, torchrun), sort_keys=False))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
-                   "--version", "1.0", "--handler", str(HANDLER), "--extra-files", str(shards),
+                   "--version", "1.0", "--handler", str(HANDLERS[manifest.model.get("kind", "embedding")]),
+                   "--extra-files", str(shards),
                    "--config-file", str(config_file), "--export-path", str(export_path),
                    "--archive-format", archive_format, "--force"]
         result = subprocess.run(command, capture_output=True, text=True)

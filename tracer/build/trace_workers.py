@@ -35,6 +35,11 @@ def _alias_names(model: torch.nn.Module, states, outputs: int) -> dict[str, int]
     return aliases
 
 
+def _non_persistent(model: torch.nn.Module) -> set[str]:
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set}
+
+
 def _count_outputs(output) -> int:
     return len(output) if isinstance(output, (tuple, list)) else 1
 
@@ -60,7 +65,7 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     rank_path = artifacts.rank_dir(root, rank)
     rank_path.mkdir(parents=True, exist_ok=True)
     log = open(rank_path / "trace.log", "w")
-    files, aliases, weight_shapes = {}, {}, None
+    files, aliases, weight_shapes, runtime_states = {}, {}, None, {}
     built_with, build_mb = None, 0.0
     for bucket, (example, kwargs) in enumerate(zip(examples, func_kwargs, strict=True)):
         t0 = time.time()
@@ -80,8 +85,14 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
             tensors = {name: t.detach().contiguous()
                        for name, t in [*traced.named_parameters(), *traced.named_buffers()]}
             shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+            # a state that is a non-persistent buffer (a KV cache) is run-time memory: allocated
+            # (zeros) at load, never written to disk
+            runtime_states = {name: {"shape": list(tensors[name].shape),
+                                     "dtype": str(tensors[name].dtype).removeprefix("torch.")}
+                              for name in aliases if name in _non_persistent(model)}
+            saved = {name: t for name, t in tensors.items() if name not in runtime_states}
             if weight_shapes is None:
-                save_file(tensors, str(root / artifacts.weights_file(rank)))
+                save_file(saved, str(root / artifacts.weights_file(rank)))
                 files[artifacts.weights_file(rank)] = artifacts.sha256(root / artifacts.weights_file(rank))
                 weight_shapes = shapes
             elif shapes != weight_shapes:
@@ -97,7 +108,7 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     log.close()
     timing = {"rank": rank, "start": started, "end": time.time(), "build_peak_rss_mb": round(build_mb, 1)}
     (rank_path / "trace_timing.json").write_text(json.dumps(timing))
-    return {"rank": rank, "files": files, "aliases": aliases, **timing}
+    return {"rank": rank, "files": files, "aliases": aliases, "runtime_states": runtime_states, **timing}
 
 
 def _worker_main(conn, args: tuple) -> None:

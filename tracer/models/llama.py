@@ -1,0 +1,211 @@
+"""Decoder LLMs of the Llama family (LlamaForCausalLM; Qwen2 = Llama with q/k/v bias), built from
+tracer.parallel_layers, with the KV cache as `states`.
+
+One forward serves prefill and token generation:
+
+    forward(input_ids [b, L], positions [b, L], slots [b], last [b]) -> (logits [b, vocab], *caches)
+
+Row i's tokens sit at `positions[i]` of cache row `slots[i]`; their keys and values are written there
+in place (index_put_ on the cache buffers: O(new tokens), never a copy of the cache), then the row
+attends to the first `context` positions of its cache row, masked causally by position. Only the
+hidden state at `last[i]` goes through the LM head. `context` is fixed per traced graph: a prefill
+graph of L tokens attends L positions, a generation graph of one token attends its context bucket.
+
+The caches are non-persistent buffers returned as outputs and named in `states`: the runtime
+allocates them (zeros) once per rank at load, shares them between all graphs of the rank, and the
+graph's own in-place write is the update (the returned tensor is the buffer itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load, parallel_state
+from ..parallel_layers.heads import HeadColumnParallelLinear, HeadLayout, HeadRowParallelLinear
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    max_batch: int = 4          # rows of one generation step; the cache has one more (scratch) row
+    max_context: int = 1024     # positions per cache row
+
+    @classmethod
+    def from_hf(cls, hf: dict, **runtime) -> DecoderConfig:
+        heads = hf["num_attention_heads"]
+        qwen2 = hf.get("model_type") == "qwen2"
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=True if qwen2 else bool(hf.get("attention_bias", False)),
+            o_bias=False if qwen2 else bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **runtime)
+
+
+def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
+    """inv_freq and attention scaling exactly as the checkpoint's Hugging Face model computes them
+    (default, linear, llama3, yarn ... scaling); length-dependent ("dynamic") scaling is refused."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if "dynamic" in rope_type or "longrope" in rope_type:
+        raise ValueError(f"rope_type {rope_type!r} depends on the sequence length; not supported")
+    rotary = LlamaRotaryEmbedding(config)
+    return rotary.inv_freq.float().clone(), float(rotary.attention_scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DecoderConfig, context: int) -> None:
+        super().__init__()
+        tp, rank = parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank()
+        layout = HeadLayout(c.num_attention_heads, c.num_key_value_heads, tp, rank)
+        hd, self.head_dim, self.context = c.head_dim, c.head_dim, context
+        self.local_heads, self.local_kv = layout.local_heads, layout.local_kv
+        self.q_proj = HeadColumnParallelLinear(c.hidden_size, c.num_attention_heads, layout.first_head,
+                                               layout.local_heads, hd, c.qkv_bias)
+        self.k_proj = HeadColumnParallelLinear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
+                                               layout.local_kv, hd, c.qkv_bias)
+        self.v_proj = HeadColumnParallelLinear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
+                                               layout.local_kv, hd, c.qkv_bias)
+        self.o_proj = HeadRowParallelLinear(c.num_attention_heads, layout.first_head, layout.local_heads, hd,
+                                            c.hidden_size, c.o_bias)
+        self.register_buffer("kv_index", torch.tensor(layout.kv_index), persistent=False)
+        shape = (c.max_batch + 1, c.max_context, layout.local_kv, hd)  # + 1: the scratch row of idle rows
+        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+
+    def forward(self, x, cos, sin, positions, slots):
+        b, length, _ = x.shape
+        q = _rotate(self.q_proj(x).view(b, length, self.local_heads, self.head_dim), cos, sin)
+        k = _rotate(self.k_proj(x).view(b, length, self.local_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, length, self.local_kv, self.head_dim)
+        rows = slots.unsqueeze(1).expand(b, length)
+        self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
+        self.cache_v.index_put_((rows, positions), v)
+        # this graph's window of the cache rows, widened from KV heads to the local query heads
+        keys = self.cache_k[:, : self.context].index_select(0, slots).index_select(2, self.kv_index)
+        values = self.cache_v[:, : self.context].index_select(0, slots).index_select(2, self.kv_index)
+        key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
+        mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, gather_output=False)
+        self.up_proj = ColumnParallelLinear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, gather_output=False)
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, input_is_parallel=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig, context: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(c, context)
+        self.mlp = Mlp(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """This rank's shard of a Llama-family causal LM (module names follow Hugging Face's, so a
+    checkpoint loads by name: model.layers.N.self_attn.q_proj.weight, ...)."""
+
+    def __init__(self, c: DecoderConfig, inv_freq: torch.Tensor, attention_scaling: float, context: int) -> None:
+        super().__init__()
+        self.config = c
+        self.model = nn.Module()
+        self.model.embed_tokens = ParallelEmbedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(c, context) for _ in range(c.num_hidden_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = ColumnParallelLinear(c.hidden_size, c.vocab_size, bias=False, gather_output=True)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def caches(self) -> list[torch.Tensor]:
+        return [t for layer in self.model.layers for t in (layer.self_attn.cache_k, layer.self_attn.cache_v)]
+
+    def forward(self, input_ids, positions, slots, last):
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = (angles.cos() * self.attention_scaling).unsqueeze(2)  # [b, L, 1, head_dim]
+        sin = (angles.sin() * self.attention_scaling).unsqueeze(2)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, slots)
+        x = x[torch.arange(x.shape[0]), last]  # only the rows' last real tokens reach the LM head
+        return (self.lm_head(self.model.norm(x)), *self.caches())
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def checkpoint_file(model_dir: Path) -> Path:
+    return Path(model_dir) / "model.safetensors"
+
+
+def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dict]:
+    """A `func` for parallel_model_trace: this rank's shard, the weights read slice by slice from
+    model_dir/model.safetensors, and the caches as states ({cache: output index})."""
+    model_dir = Path(model_dir)
+    config = DecoderConfig.from_hf(read_hf_config(model_dir), **runtime)
+    inv_freq, scaling = rope_parameters(model_dir)
+    model = Decoder(config, inv_freq, scaling, context)
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
+    model.eval()
+    return model, {cache: 1 + i for i, cache in enumerate(model.caches())}
+
+
+def runtime_info(config: DecoderConfig) -> dict:
+    return asdict(config)
