@@ -81,13 +81,15 @@ class GenerationHandler(BaseHandler):
             idx, request = good[row]
             if token is not None:
                 request.tokens.append(token)
-            if not request.stream or completion is not None:
-                return  # the last line goes out as the final response
-            text = self.generator.tokenizer.decode(request.tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            if not request.stream:
                 return
-            self._send(idx, {"token_id": token, "text": text[len(request.streamed_text):]})
-            request.streamed_text = text
+            if completion is not None:  # the last line goes out as the final response
+                request.last_token = token
+                return
+            text = self.generator.tokenizer.decode(request.tokens, skip_special_tokens=True)
+            delta = "" if text.endswith("\ufffd") else text[len(request.streamed_text):]  # "": half a character
+            self._send(idx, {"token_id": token, "text": delta})
+            request.streamed_text += delta
 
         try:
             completions = self.generator.generate([r.prompt for _, r in good], [r.params for _, r in good], on_token)
@@ -112,7 +114,8 @@ class GenerationHandler(BaseHandler):
             if request.status == 200:
                 body = answer(request)
                 if request.stream:  # the last line: what is left of the text, then finish_reason and usage
-                    body = {"token_id": None, "text": (request.completion.text or "")[len(request.streamed_text):],
+                    body = {"token_id": request.last_token,
+                            "text": (request.completion.text or "")[len(request.streamed_text):],
                             "finish_reason": body["finish_reason"], "usage": body["usage"]}
                 answers.append(json.dumps(body) + ("\n" if request.stream else ""))
                 self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")

@@ -31,6 +31,7 @@ class GenerationRequest:
     status: int = 200
     error: str = ""
     tokens: list[int] = field(default_factory=list)  # generated so far (streaming)
+    last_token: int | None = None  # streaming: the token of the last line (None after an EOS)
 
     def fail(self, status: int, message: str) -> None:
         self.status, self.error = status, message

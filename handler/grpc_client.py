@@ -71,6 +71,22 @@ def embed(texts: str | list[str], target: str = "127.0.0.1:7070", model: str = "
     return result
 
 
+def stream_generate(body: dict, target: str = "127.0.0.1:7070", model: str = "smollm2", timeout: float = 300):
+    """Yields the JSON lines of a streamed generation ({"token_id", "text"}, the last with
+    finish_reason and usage) over TorchServe's StreamPredictions."""
+    import grpc
+
+    pb2, pb2_grpc = _stub_modules()
+    request = pb2.PredictionsRequest(model_name=model, input={"json": json.dumps({**body, "stream": True}).encode()})
+    with grpc.insecure_channel(target) as channel:
+        for response in pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions(request, timeout=timeout):
+            for line in response.prediction.decode().splitlines():
+                result = json.loads(line)
+                if "error" in result:
+                    raise PredictionError(result.get("status", 500), result["error"])
+                yield result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.grpc_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,123 @@
+"""Generation through a real TorchServe: SmolLM2-135M-Instruct, tp 2, answers, streams, batches, errors."""
+
+import concurrent.futures
+import http.client
+import json
+import subprocess
+import sys
+
+import pytest
+from serving import start_server
+
+from handler import grpc_client
+from tracer.engine.generator import Generator, SamplingParams
+
+CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+@pytest.fixture(scope="module")
+def llm_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("llm_store")
+    subprocess.run([sys.executable, "-m", "tracer", "build", "--model", "smollm2", "--tp-degree", "2",
+                    "--max-context", "256", "--buckets", "32,128", "--batch-size", "2", "--model-name", "smollm2",
+                    "--export-path", str(store), "--archive-format", "no-archive"], check=True, capture_output=True)
+    return store
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, llm_store):
+    server = start_server(tmp_path_factory.mktemp("ts"), llm_store, "smollm2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def in_process(llm_store):
+    generator = Generator(llm_store / "smollm2.shards")
+    yield generator
+    generator.close()
+
+
+def _post(server, body, content_type="application/json"):
+    return server.post(json.dumps(body) if isinstance(body, dict) else body, content_type, timeout=120)
+
+
+def _stream(server, body) -> tuple[int, str, list[dict]]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
+    connection.request("POST", f"/predictions/{server.model}", body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    lines = [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
+    connection.close()
+    return response.status, response.getheader("Content-Type"), lines
+
+
+def test_chat_answer_is_right_and_equals_in_process(llm, in_process):
+    status, headers, body = _post(llm, CAPITAL)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert body["text"] == "The capital of France is Paris." and body["finish_reason"] == "stop"
+    prompt = in_process.encode(messages=CAPITAL["messages"])
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(body["token_ids"])}
+    assert body["token_ids"] == in_process.generate([prompt], SamplingParams(max_new_tokens=64))[0].token_ids
+
+
+def test_stream_sends_one_line_per_token_then_finish_and_usage(llm):
+    _, _, whole = _post(llm, {"prompt": "The three primary colors are", "max_new_tokens": 24})
+    status, content_type, lines = _stream(llm, {"prompt": "The three primary colors are", "max_new_tokens": 24})
+    assert status == 200 and content_type == "application/jsonl"
+    assert [line["token_id"] for line in lines] == whole["token_ids"]  # max_new_tokens: no EOS line
+    assert "".join(line["text"] for line in lines) == whole["text"]
+    assert lines[-1]["finish_reason"] == whole["finish_reason"] == "length" and lines[-1]["usage"] == whole["usage"]
+
+
+def test_grpc_stream_predictions(llm):
+    target = f"127.0.0.1:{llm.ports['grpc']}"
+    chunks = list(grpc_client.stream_generate({**CAPITAL, "stream": True}, target, "smollm2"))
+    assert "".join(c["text"] for c in chunks) == "The capital of France is Paris."
+    assert chunks[-1]["finish_reason"] == "stop"
+
+
+def test_concurrent_requests_decode_together_each_equal_to_alone(llm):
+    prompts = ["Name a fruit.", "Count to five.", "What color is the sky?", "Say hello in French."]
+    alone = [_post(llm, {"prompt": p, "max_new_tokens": 16})[2]["token_ids"] for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: _post(llm, {"prompt": p, "max_new_tokens": 16}), prompts))
+    assert [body["token_ids"] for _, _, body in together] == alone
+
+
+def test_sampling_is_reproducible_by_seed(llm):
+    body = {"prompt": "Once upon a time", "temperature": 0.9, "top_p": 0.95, "seed": 11, "max_new_tokens": 12}
+    first, second = _post(llm, body)[2], _post(llm, body)[2]
+    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == 12
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    ({"prompt": "hi", "max_new_tokens": 1000}, "application/json", 400, "exceeds the model's max context of 256"),
+    ({"prompt": "word " * 300}, "application/json", 413, "the limit is 128"),
+    ({"prompt": "hi", "temperature": -1}, "application/json", 400, "temperature must be"),
+    ({"prompt": "hi", "top_p": 2}, "application/json", 400, "top_p must be"),
+    ({"prompt": "hi", "stop": 5}, "application/json", 400, "stop must be"),
+    ({"prompt": "hi", "stream": "yes"}, "application/json", 400, '"stream" must be'),
+    ({"prompt": "\ud800"}, "application/json", 400, "lone surrogate"),
+    ({"text": "hi"}, "application/json", 400, 'expected JSON {"prompt"'),
+    ({"prompt": "hi", "messages": []}, "application/json", 400, 'expected JSON {"prompt"'),
+    ({"messages": [{"role": "user"}]}, "application/json", 400, '"messages" must be'),
+    ('{"prompt": ', "application/json", 400, "not valid JSON"),
+    ("hello", "text/plain", 415, "generation takes JSON"),
+])
+def test_bad_requests_are_4xx_and_the_worker_keeps_serving(llm, body, content_type, status, message):
+    got_status, headers, got = _post(llm, body, content_type)
+    assert got_status == status and message in got["error"] and headers["content-type"] == "application/json"
+    assert _post(llm, {"prompt": "hi", "max_new_tokens": 2})[0] == 200
+
+
+def test_a_hostile_request_in_a_batch_fails_only_itself(llm):
+    bodies = [{"prompt": "\ud800"}, {"prompt": "Name a color.", "max_new_tokens": 8}, '{"prompt"',
+              {"prompt": "Name a color.", "max_new_tokens": 8}] * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: _post(llm, b), bodies))
+    good = [body for (status, _, body), sent in zip(answers, bodies, strict=True)
+            if isinstance(sent, dict) and "max_new_tokens" in sent]
+    assert all(status == 400 for (status, _, _), sent in zip(answers, bodies, strict=True)
+               if not (isinstance(sent, dict) and "max_new_tokens" in sent))
+    assert len(good) == 4 and len({json.dumps(b["token_ids"]) for b in good}) == 1
