@@ -1,0 +1,161 @@
+"""Generation benchmark, one run: SmolLM2-135M-Instruct (fp32), time to first token and per-token
+latency at 1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 and served (REST,
+streamed) at tp 1, next to Hugging Face generate() in the same run and the memory-bandwidth limit
+(fp32 weight bytes read per token ÷ this machine's measured copy bandwidth).
+
+    .venv/bin/python -m bench.generation
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from bench.common import table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from serving import start_server  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]  # 37 tokens with the chat template
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+NEW_TOKENS = 64
+REPEATS = 5
+
+
+def copy_bandwidth_gbs() -> float:
+    """Best of 5 copies of 512 MiB, bytes read + written per second."""
+    a, b = torch.empty(2**27), torch.empty(2**27)
+    a.fill_(1.0)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    ids = torch.tensor([prompt])
+
+    def run(n: int) -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return time.perf_counter() - start
+
+    run(4)
+    first = statistics.median(run(1) for _ in range(REPEATS))
+    whole = statistics.median(run(NEW_TOKENS) for _ in range(3))
+    return first * 1000, (whole - first) / (NEW_TOKENS - 1) * 1000
+
+
+def timed_generate(generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, float]:
+    """(first-token ms of the first row, median ms between a row's tokens, total tokens/s)."""
+    from tracer.engine.generator import SamplingParams
+
+    stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    start = time.perf_counter()
+    generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens),
+                       lambda row, token, done: stamps[row].append(time.perf_counter()))
+    wall = time.perf_counter() - start
+    gaps = [b - a for times in stamps.values() for a, b in zip(times, times[1:], strict=False)]
+    tokens = sum(len(t) for t in stamps.values())
+    return (stamps[0][0] - start) * 1000, statistics.median(gaps) * 1000 if gaps else 0.0, tokens / wall
+
+
+def in_process_rows(directory: Path, question: list[int], story: list[int], tp: int, workdir: Path) -> list:
+    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.engine.generator import Generator
+
+    config = json.loads((directory / "config.json").read_text())
+    shards = workdir / f"tp{tp}"
+    trace_decoder(directory, config, tp, shards, prefill=[64], max_context=512, batch_size=4)
+    generator = Generator(shards)
+    generator.warm_up()
+    one = [timed_generate(generator, [question], 1)[0] for _ in range(REPEATS)]
+    per_token = [timed_generate(generator, [story], NEW_TOKENS)[1] for _ in range(3)]
+    four = [timed_generate(generator, [story] * 4, NEW_TOKENS) for _ in range(3)]
+    single_rate = [timed_generate(generator, [story], NEW_TOKENS)[2] for _ in range(3)]
+    generator.close()
+    return [statistics.median(one), statistics.median(per_token), statistics.median(f[1] for f in four),
+            statistics.median(f[2] for f in four), statistics.median(single_rate)]
+
+
+def served_first_token_ms(workdir: Path) -> float:
+    store = workdir / "store"
+    subprocess.run([sys.executable, "-m", "tracer", "build", "--model", "smollm2", "--tp-degree", "1",
+                    "--max-context", "512", "--buckets", "64", "--model-name", "smollm2", "--export-path", str(store),
+                    "--archive-format", "no-archive"], check=True, capture_output=True)
+    (workdir / "ts").mkdir()
+    server = start_server(workdir / "ts", store, "smollm2")
+    try:
+        body = json.dumps({"messages": QUESTION, "max_new_tokens": 1, "stream": True})
+        times = []
+        for _ in range(REPEATS + 2):
+            connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
+            start = time.perf_counter()
+            connection.request("POST", "/predictions/smollm2", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.readline()  # the first line carries the first token
+            times.append(time.perf_counter() - start)
+            response.read()
+            connection.close()
+        return statistics.median(times[2:]) * 1000
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+
+    torch.set_num_threads(2)
+    directory = convert_gguf(smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+
+    def chat(messages):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    question, story = chat(QUESTION), chat(STORY)
+    bandwidth = copy_bandwidth_gbs()
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:  # the tied LM head is stored once
+        weight_bytes = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 4
+    floor_ms = weight_bytes / bandwidth / 1e9 * 1000  # every weight byte read once per token, at copy speed
+    hf_first, hf_token = hf_row(directory, question)
+    rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in (1, 2, 3):
+            results[tp] = in_process_rows(directory, question, story, tp, Path(tmp))
+            first, token, token4, rate4, rate1 = results[tp]
+            rows.append([f"tpserve in-process tp={tp}", f"{first:.0f}", f"{token:.1f}", f"{token4:.1f}",
+                         f"{rate4:.0f} / {rate1:.0f} ({rate4 / rate1:.2f}×)", f"{token / hf_token:.2f}×"])
+            print(rows[0], rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a failure later
+        served = served_first_token_ms(Path(tmp))
+    rows.append(["tpserve served tp=1 (REST, streamed)", f"{served:.0f}", "", "", "", ""])
+    rows.append([f"memory floor: {weight_bytes / 1e6:.0f} MB of fp32 weights ÷ {bandwidth:.0f} GB/s copy bandwidth",
+                 "", f"{floor_ms:.1f}", "", "", ""])
+    print(f"SmolLM2-135M-Instruct fp32; prompt {len(question)} tokens (first token), {len(story)} tokens + "
+          f"{NEW_TOKENS} new (per token); copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",
+                 "tokens/s 4 streams / 1 stream", "per token ÷ HF"], rows))
+    print(f"served − in-process first token (tp=1): {served - results[1][0]:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
