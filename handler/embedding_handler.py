@@ -2,7 +2,7 @@
 
 Bodies: text/plain (one text -> one embedding), JSON {"inputs": "text"} (same) or
 {"inputs": ["t1", ...]} (a list of embeddings, in order); other Content-Types get 415
-(handler/request_parsing.py). A dynamic batch is run one sub-batch per bucket (handler/embedder.py).
+(handler/request_parsing.py). A dynamic batch is run one sub-batch per bucket (tracer/engine/embedder.py).
 TorchServe's template: preprocess (each request parsed and tokenized on its own), inference,
 postprocess. A request can fail only itself: whatever goes wrong with one request (bad input: 4xx;
 its sub-batch failing in the model: 500) is that request's answer, and every other request of the
@@ -110,11 +110,13 @@ class EmbeddingHandler(BaseHandler):
             if request.status == 200:
                 try:
                     vectors = list(map(_vector_json, request.vectors))
-                    answers.append("[" + ",".join(vectors) + "]" if request.as_list else vectors[0])
-                    if request.truncated:
-                        self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
+                    answer = "[" + ",".join(vectors) + "]" if request.as_list else vectors[0]
                 except Exception as exc:  # noqa: BLE001
                     request.fail(500, f"could not write the answer ({type(exc).__name__})")
+                else:
+                    answers.append(answer)
+                    if request.truncated:
+                        self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
             if request.status != 200:
                 # the standard reason phrase in the status line (TorchServe frames the phrase by its
                 # length in characters, so only ASCII is safe there); the message is in the JSON body

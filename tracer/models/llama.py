@@ -19,7 +19,7 @@ graph's own in-place write is the update (the returned tensor is the buffer itse
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -205,7 +205,3 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
     model.eval()
     return model, {cache: 1 + i for i, cache in enumerate(model.caches())}
-
-
-def runtime_info(config: DecoderConfig) -> dict:
-    return asdict(config)

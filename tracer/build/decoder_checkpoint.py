@@ -1,0 +1,119 @@
+"""Trace a Hugging Face Llama-family checkpoint (LlamaForCausalLM, Qwen2ForCausalLM) into
+tensor-parallel shards for generation: prefill graphs bucketed by prompt length and generation
+graphs bucketed by context length, all of a rank sharing one copy of its weights and one KV cache.
+
+Checks come first (architecture before files), as for encoders; the manifest then covers the
+tokenizer too and carries what the generator needs (decoder shape, buckets, EOS ids).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel
+from ..errors import UsageError
+from ..models.llama import ARCHITECTURES, DecoderConfig, load_decoder
+from ..trace import parallel_model_save, parallel_model_trace
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+DEFAULT_BATCH = 4
+DEFAULT_MAX_CONTEXT = 1024
+
+
+def powers_of_two(first: int, last: int) -> list[int]:
+    """first, 2*first, ... below last, then last itself."""
+    out = []
+    while first < last:
+        out.append(first)
+        first *= 2
+    return out + [last]
+
+
+def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[int] | None, batch_size: int | None,
+                  max_context: int | None) -> tuple[DecoderConfig, list[int], list[int]]:
+    """(decoder config, prefill buckets, context buckets), or UsageError."""
+    if not (model_dir / "model.safetensors").is_file():
+        raise UsageError(f"{model_dir}: no model.safetensors (decoders are read from one safetensors file)")
+    if tp_degree < 1:
+        raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
+    if max_context is None:
+        max_context = min(DEFAULT_MAX_CONTEXT, config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT))
+    if not 2 <= max_context <= config.get("max_position_embeddings", max_context):
+        raise UsageError(f"--max-context must be in [2, max_position_embeddings="
+                         f"{config.get('max_position_embeddings')}], got {max_context}")
+    batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        decoder = DecoderConfig.from_hf(config, max_batch=batch_size, max_context=max_context)
+    except KeyError as exc:
+        raise UsageError(f"{model_dir}/config.json: missing {exc}") from None
+    for name, size in (("intermediate_size", decoder.intermediate_size), ("vocab_size", decoder.vocab_size)):
+        if size % tp_degree:
+            raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={size}")
+    if decoder.num_attention_heads % decoder.num_key_value_heads:
+        raise UsageError(f"{model_dir}: num_attention_heads is not a multiple of num_key_value_heads")
+    try:
+        prefill = check_buckets(prefill if prefill is not None else powers_of_two(16, max_context))
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+    if prefill[-1] > max_context:
+        raise UsageError(f"--buckets: {prefill[-1]} exceeds --max-context {max_context}")
+    contexts = powers_of_two(min(128, max_context), max_context)
+    return decoder, prefill, contexts
+
+
+def _eos_ids(model_dir: Path, config: dict) -> list[int]:
+    eos = config.get("eos_token_id")
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, prefill: list[int] | None = None,
+                  batch_size: int | None = None, max_context: int | None = None,
+                  max_parallel_compilations: int | None = None) -> artifacts.Manifest:
+    model_dir, output = Path(model_dir), Path(output)
+    decoder, prefill, contexts = check_decoder(model_dir, config, tp_degree, prefill, batch_size, max_context)
+    runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context}
+    b, zeros = decoder.max_batch, functools.partial(torch.zeros, dtype=torch.long)
+    # inputs: token ids, positions, cache slots, index of each row's last token
+    examples = [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1]))  # one prompt per call
+                for n in prefill]
+    examples += [(zeros(b, 1), zeros(b, 1), torch.arange(b), zeros(b)) for _ in contexts]  # one token per row
+    kwargs = [{"runtime": runtime, "context": n} for n in prefill + contexts]
+    started = time.time()
+    model = parallel_model_trace(
+        functools.partial(load_decoder, model_dir), examples, tp_degree=tp_degree, inline_weights_to_neff=False,
+        bucket_config=BucketModelConfig(decoder_bucket_kernel(prefill, contexts), func_kwargs=kwargs),
+        max_parallel_compilations=max_parallel_compilations)
+    parallel_model_save(model, output)
+    manifest = model.manifest
+    model.close()
+    names = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if names:
+        (output / artifacts.TOKENIZER_DIR).mkdir(exist_ok=True)
+        for name in names:
+            shutil.copyfile(model_dir / name, output / artifacts.TOKENIZER_DIR / name)
+        manifest.add_files(output, [f"{artifacts.TOKENIZER_DIR}/{name}" for name in names])
+    manifest.model = {
+        "kind": "generation",
+        "architecture": ARCHITECTURES[config["model_type"]],
+        "decoder": vars(decoder),
+        "prefill_buckets": prefill,
+        "context_buckets": contexts,
+        "eos_token_ids": _eos_ids(model_dir, config),
+        "source": str(model_dir),
+        "trace_seconds": round(time.time() - started, 2),
+    }
+    manifest.write(output)
+    return manifest
