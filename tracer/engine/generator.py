@@ -160,12 +160,12 @@ class Generator:
         ids = torch.zeros(b, 1, dtype=torch.long)
         positions = torch.zeros(b, 1, dtype=torch.long)
         slots = torch.full((b,), self.scratch, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, 0] = row.prompt[0] if first else row.generated[-1]
-            positions[i, 0] = len(row.prompt) + len(row.generated) - 1  # where that token sits
-            slots[i] = row.slot
+        for row in rows:  # each row at its own slot: the graph reads cache row i for row i
+            ids[row.slot, 0] = row.prompt[0] if first else row.generated[-1]
+            positions[row.slot, 0] = len(row.prompt) + len(row.generated) - 1  # where that token sits
+            slots[row.slot] = row.slot
         logits = self.model(ids, positions, slots, torch.zeros(b, dtype=torch.long))[0]
-        return [logits[i] for i in range(len(rows))]
+        return [logits[row.slot] for row in rows]
 
     def _take(self, row: _Row, logits: torch.Tensor, on_token) -> None:
         token, appended = self._sample(logits, row), None

@@ -110,6 +110,10 @@ class Attention(nn.Module):
         self.o_proj = HeadRowParallelLinear(c.num_attention_heads, layout.first_head, layout.local_heads, hd,
                                             c.hidden_size, c.o_bias)
         self.register_buffer("kv_index", torch.tensor(layout.kv_index), persistent=False)
+        group = layout.local_heads // layout.local_kv
+        # query head i reads KV head i // group: SDPA's grouped-query attention, no widening copy
+        self.grouped = layout.kv_index == [i // group for i in range(layout.local_heads)]
+        self.max_batch = c.max_batch
         shape = (c.max_batch + 1, c.max_context, layout.local_kv, hd)  # + 1: the scratch row of idle rows
         self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
@@ -122,13 +126,20 @@ class Attention(nn.Module):
         rows = slots.unsqueeze(1).expand(b, length)
         self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
         self.cache_v.index_put_((rows, positions), v)
-        # this graph's window of the cache rows, widened from KV heads to the local query heads
-        keys = self.cache_k[:, : self.context].index_select(0, slots).index_select(2, self.kv_index)
-        values = self.cache_v[:, : self.context].index_select(0, slots).index_select(2, self.kv_index)
+        # this graph's window of the cache rows. A generation step (one token for each of the batch's
+        # rows) reads row i's cache row i without a gather: the generator puts each row at its slot
+        # (idle rows write to the scratch row and their output is not used)
+        if length == 1 and b == self.max_batch:
+            keys, values = self.cache_k[:b, : self.context], self.cache_v[:b, : self.context]
+        else:
+            keys = self.cache_k[:, : self.context].index_select(0, slots)
+            values = self.cache_v[:, : self.context].index_select(0, slots)
+        if not self.grouped:  # padded or overlapping heads: widen KV heads to the local query heads
+            keys, values = keys.index_select(2, self.kv_index), values.index_select(2, self.kv_index)
         key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
         mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask)
+                                             attn_mask=mask, enable_gqa=self.grouped)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim))
 
 
