@@ -42,6 +42,15 @@ def check_buckets(buckets: Sequence[int]) -> list[int]:
     return buckets
 
 
+def powers_of_two(first: int, last: int) -> list[int]:
+    """first, 2*first, ... below last, then last itself (e.g. 16, 32, 64, 128, 256)."""
+    out = []
+    while first < last:
+        out.append(first)
+        first *= 2
+    return out + [last]
+
+
 class SequenceLengthBucketKernel(nn.Module):
     """Picks the smallest bucket >= the sequence length (dim 1) and right-pads every input with 0
     (pad token id 0, attention mask 0). Longer than the largest bucket: an error, never garbage."""

@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .. import artifacts
-from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel
+from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, powers_of_two
 from ..errors import UsageError
 from ..models.llama import ARCHITECTURES, DecoderConfig, load_decoder
 from ..trace import parallel_model_save, parallel_model_trace
+from .model_source import copy_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 DEFAULT_BATCH = 4
 DEFAULT_MAX_CONTEXT = 1024
-
-
-def powers_of_two(first: int, last: int) -> list[int]:
-    """first, 2*first, ... below last, then last itself."""
-    out = []
-    while first < last:
-        out.append(first)
-        first *= 2
-    return out + [last]
 
 
 def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[int] | None, batch_size: int | None,
@@ -99,12 +90,7 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
     parallel_model_save(model, output)
     manifest = model.manifest
     model.close()
-    names = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    if names:
-        (output / artifacts.TOKENIZER_DIR).mkdir(exist_ok=True)
-        for name in names:
-            shutil.copyfile(model_dir / name, output / artifacts.TOKENIZER_DIR / name)
-        manifest.add_files(output, [f"{artifacts.TOKENIZER_DIR}/{name}" for name in names])
+    copy_tokenizer(model_dir, output, manifest, TOKENIZER_FILES)
     manifest.model = {
         "kind": "generation",
         "architecture": ARCHITECTURES[config["model_type"]],

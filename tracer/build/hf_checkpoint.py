@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,12 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..bucketing import BucketModelConfig, check_buckets, sequence_length_bucket_kernel
+from ..bucketing import BucketModelConfig, check_buckets, powers_of_two, sequence_length_bucket_kernel
 from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
 from ..trace import parallel_model_save, parallel_model_trace
-from .model_source import read_config
+from .model_source import copy_tokenizer, read_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -41,18 +40,10 @@ def max_seq_length(model_dir: Path, config: dict) -> int:
     return config["max_position_embeddings"]
 
 
-def default_buckets(max_tokens: int) -> list[int]:
-    """16, 32, 64, ... up to max_tokens, which is always the last bucket (e.g. 16..256 for MiniLM)."""
-    buckets = [16]
-    while buckets[-1] * 2 < max_tokens:
-        buckets.append(buckets[-1] * 2)
-    return [b for b in buckets if b < max_tokens] + [max_tokens]
-
-
 def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, batch_size: int,
                      max_parallel_compilations: int | None = None) -> tuple[dict, list[int], int]:
     """Everything that can be wrong, checked before tracing, the architecture first.
-    Returns (HF config, buckets, max_seq_length); buckets=None picks default_buckets."""
+    Returns (HF config, buckets, max_seq_length); buckets=None: 16, 32, ... up to max_seq_length."""
     config = read_config(model_dir)
     if config["model_type"] != "bert":
         raise UsageError(f"{model_dir}: a {config['model_type']} checkpoint is not an embedding model")
@@ -71,7 +62,7 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
     max_tokens = max_seq_length(model_dir, config)
     try:
-        buckets = check_buckets(default_buckets(max_tokens) if buckets is None else buckets)
+        buckets = check_buckets(powers_of_two(16, max_tokens) if buckets is None else buckets)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
     if buckets[-1] > config["max_position_embeddings"]:
@@ -125,13 +116,7 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     parallel_model_save(model, output)
     manifest = model.manifest
     model.close()
-    (output / artifacts.TOKENIZER_DIR).mkdir(exist_ok=True)
-    tokenizer_files = []
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, output / artifacts.TOKENIZER_DIR / name)
-            tokenizer_files.append(f"{artifacts.TOKENIZER_DIR}/{name}")
-    manifest.add_files(output, tokenizer_files)
+    copy_tokenizer(model_dir, output, manifest, TOKENIZER_FILES)
     manifest.model = {
         "kind": "embedding",
         "output": "sentence_embedding" if sentence else "last_hidden_state",

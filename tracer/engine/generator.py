@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import TOKENIZER_DIR
+from ..artifacts import TOKENIZER_DIR, tokenizer_file
 from ..errors import GenerationRequestError, ManifestError
 from ..runtime.tensor_parallel_model import parallel_model_load
 
@@ -80,7 +80,7 @@ class Generator:
         self.eos = set(info.get("eos_token_ids") or [])
         self.scratch = self.max_batch  # the cache row idle rows write to
         self.tokenizer = None
-        if (model_dir / TOKENIZER_DIR / "tokenizer.json").is_file():
+        if tokenizer_file(model_dir).is_file():
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir / TOKENIZER_DIR))
