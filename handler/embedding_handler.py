@@ -11,16 +11,14 @@ batch gets its own. Settings come from model-config.yaml's `handler:` section.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from http import HTTPStatus
 from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.request_parsing import ParsedRequest, RequestError, parse_texts
+from handler.request_parsing import ParsedRequest, RequestError, error_answer, parse_texts, request_body
 from tracer.engine.embedder import Embedder
 from tracer.errors import ArtifactError, TextTooLongError
 
@@ -55,7 +53,7 @@ class EmbeddingHandler(BaseHandler):
         for idx, row in enumerate(data):
             request = ParsedRequest()
             try:
-                value, content_type = self._body(idx, row)
+                value, content_type = request_body(self.context, idx, row)
                 texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
                 request.ids, request.truncated = self.embedder.token_ids(texts)
             except RequestError as exc:
@@ -67,15 +65,6 @@ class EmbeddingHandler(BaseHandler):
                 request.fail(400, f"could not read the request ({type(exc).__name__})")
             requests.append(request)
         return requests
-
-    def _body(self, idx: int, row) -> tuple[object, str]:
-        if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{"inputs": [...]}'}
-            return row["json"], "application/json"
-        content_type = self.context.get_request_header(idx, "Content-Type") or ""
-        if not isinstance(row, dict):
-            return row, content_type
-        # form bodies arrive as their decoded fields, without "body": request_parsing refuses them (415)
-        return row.get("body", row.get("data", b"")), content_type
 
     def _is_explain(self) -> bool:  # no explanations: a client's "explain" header changes nothing
         return False
@@ -118,10 +107,7 @@ class EmbeddingHandler(BaseHandler):
                     if request.truncated:
                         self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
             if request.status != 200:
-                # the standard reason phrase in the status line (TorchServe frames the phrase by its
-                # length in characters, so only ASCII is safe there); the message is in the JSON body
-                self.context.set_response_status(request.status, HTTPStatus(request.status).phrase, idx=idx)
-                answers.append(json.dumps({"error": request.error, "status": request.status}))
+                answers.append(error_answer(self.context, idx, request.status, request.error))
             self.context.set_response_content_type(idx, "application/json")
         return answers
 

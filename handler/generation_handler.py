@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import time
-from http import HTTPStatus
 from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.generation_requests import GenerationRequest, answer, parse_generation
-from handler.request_parsing import RequestError
+from handler.request_parsing import RequestError, error_answer, request_body
 from tracer.engine.generator import Generator
 from tracer.errors import ArtifactError, last_line
 
@@ -57,10 +56,7 @@ class GenerationHandler(BaseHandler):
         requests = []
         for idx, row in enumerate(data):
             try:
-                value = row.get("body", row.get("data", b"")) if isinstance(row, dict) else row
-                content_type = self.context.get_request_header(idx, "Content-Type") or ""
-                if isinstance(row, dict) and "json" in row:  # gRPC
-                    value, content_type = row["json"], "application/json"
+                value, content_type = request_body(self.context, idx, row)
                 request = parse_generation(value, content_type, self.generator, self.max_new_tokens)
             except RequestError as exc:
                 request = GenerationRequest()
@@ -120,7 +116,5 @@ class GenerationHandler(BaseHandler):
                 answers.append(json.dumps(body) + ("\n" if request.stream else ""))
                 self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
             else:
-                self.context.set_response_status(request.status, HTTPStatus(request.status).phrase, idx=idx)
-                self.context.set_response_content_type(idx, "application/json")
-                answers.append(json.dumps({"error": request.error, "status": request.status}))
+                answers.append(error_answer(self.context, idx, request.status, request.error))
         return answers

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from handler.request_parsing import RequestError, body_kind
+from handler.request_parsing import RequestError, body_kind, check_unicode
 from tracer.engine.generator import Completion, Generator, SamplingParams
 from tracer.errors import GenerationRequestError
 
@@ -57,10 +57,7 @@ def parse_generation(value, content_type: str, generator: Generator, default_max
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise RequestError(400, '"prompt" must be a non-empty string')
     for text in [prompt] if prompt is not None else [m["content"] for m in messages]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(400, "the prompt is not valid Unicode (it holds a lone surrogate)") from None
+        check_unicode(text, "the prompt")
     stop = value.get("stop", [])
     stream = value.get("stream", False)
     if not isinstance(stream, bool):

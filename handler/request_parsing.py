@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
 
 USE_INSTEAD = "send text with 'Content-Type: text/plain' or JSON with 'Content-Type: application/json'"
 
@@ -39,6 +40,31 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def request_body(context, idx: int, row) -> tuple[object, str]:
+    """(body, Content-Type) of request `idx` of a TorchServe batch: gRPC's "json" input, or the REST
+    body. Form bodies arrive as their decoded fields, without "body": body_kind refuses them (415)."""
+    if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{...}'}
+        return row["json"], "application/json"
+    content_type = context.get_request_header(idx, "Content-Type") or ""
+    return (row.get("body", row.get("data", b"")) if isinstance(row, dict) else row), content_type
+
+
+def check_unicode(text: str, what: str) -> None:
+    """JSON may spell a lone surrogate ("\ud800"): valid JSON, but no tokenizer takes it -> 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def error_answer(context, idx: int, status: int, message: str) -> str:
+    """Request `idx`'s error: the status with its standard reason phrase (TorchServe frames the
+    phrase by its length in characters, so only ASCII is safe there), the message in a JSON body."""
+    context.set_response_status(status, HTTPStatus(status).phrase, idx=idx)
+    context.set_response_content_type(idx, "application/json")
+    return json.dumps({"error": message, "status": status})
 
 
 def body_kind(content_type: str) -> str:
@@ -93,8 +119,5 @@ def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], b
             # also what a GET gets: TorchServe hands the handler neither the method nor a body
             raise RequestError(400, "empty text" if as_list or len(texts) > 1 else
                                "empty text (POST a body: text/plain, or JSON {\"inputs\": ...})")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # JSON may spell a lone surrogate ("\ud800"); no tokenizer takes it
-            raise RequestError(400, f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
+        check_unicode(text, f"text {i}")
     return texts, as_list
