@@ -87,9 +87,10 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
             shapes = {name: tuple(t.shape) for name, t in tensors.items()}
             # a state that is a non-persistent buffer (a KV cache) is run-time memory: allocated
             # (zeros) at load, never written to disk
+            non_persistent = _non_persistent(model)
             runtime_states = {name: {"shape": list(tensors[name].shape),
                                      "dtype": str(tensors[name].dtype).removeprefix("torch.")}
-                              for name in aliases if name in _non_persistent(model)}
+                              for name in aliases if name in non_persistent}
             saved = {name: t for name, t in tensors.items() if name not in runtime_states}
             if weight_shapes is None:
                 save_file(saved, str(root / artifacts.weights_file(rank)))
