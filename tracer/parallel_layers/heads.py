@@ -10,10 +10,9 @@ the same number of KV heads, so every rank's KV cache has the same shape.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import collectives
+from ..runtime import collectives, native_ops
 from .layers import _check_shape, _ParallelLayer, copy_slice
 
 
@@ -71,7 +70,7 @@ class HeadColumnParallelLinear(_ParallelLayer):
         _heads_slice(param, source, 0, self.first, self.count, self.total, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return native_ops.linear(x, self.weight, self.bias)
 
 
 class HeadRowParallelLinear(_ParallelLayer):
@@ -93,7 +92,7 @@ class HeadRowParallelLinear(_ParallelLayer):
         _heads_slice(param, source, 1, self.first, self.count, self.total, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = native_ops.linear(x, self.weight)
         if self.tp_size > 1:
             y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
         return y + self.bias if self.bias is not None else y

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointShapeError
-from ..runtime import collectives
+from ..runtime import collectives, native_ops
 from . import parallel_state
 
 
@@ -85,7 +85,7 @@ class ColumnParallelLinear(_ParallelLinear):
         copy_slice(param, source, 0, start, self.local_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = native_ops.linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             y = collectives.all_gather(y, y.dim() - 1, self.tp_rank, self.tp_size)
         return y
@@ -114,7 +114,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel and self.tp_size > 1:
             start = self.tp_rank * self.local_in
             x = x[..., start:start + self.local_in]
-        y = F.linear(x, self.weight)
+        y = native_ops.linear(x, self.weight)
         if self.tp_size > 1:
             y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
         return y + self.bias if self.bias is not None else y

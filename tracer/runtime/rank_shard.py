@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import artifacts
-from . import collectives
+from . import native_ops
 
 
 def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
@@ -34,7 +34,7 @@ def set_tensor(module: torch.jit.ScriptModule, dotted: str, value: torch.Tensor)
 
 class RankShard:
     def __init__(self, load_dir: Path, manifest: artifacts.Manifest, rank: int, device: str = "cpu") -> None:
-        collectives.ops()  # the graphs call tpserve:: ops: the library must be loaded first
+        native_ops.ops()  # the graphs call tpserve:: ops: the library must be loaded first
         self.graphs = [torch.jit.load(str(load_dir / artifacts.bucket_file(rank, b)), map_location=device)
                        for b in range(len(manifest.buckets))]
         if not manifest.inline_weights:

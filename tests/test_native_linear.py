@@ -1,0 +1,44 @@
+"""tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel equals F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tracer.runtime import native_ops
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 40])
+@pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
+def test_linear_equals_f_linear(rows, features):
+    k, n = features
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, 1, k, generator=g)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    for bias in (None, b):
+        got, want = native_ops.linear(x, w, bias), F.linear(x, w, bias)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_takes_strided_inputs_and_leaves_other_dtypes_to_aten():
+    x = torch.randn(8, 64)[::2]  # 4 rows, not contiguous
+    w = torch.randn(48, 64)
+    torch.testing.assert_close(native_ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    xd, wd = x.double(), w.double()
+    assert torch.equal(native_ops.linear(xd, wd), F.linear(xd, wd))
+
+
+def test_traced_graph_records_the_op():
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(16, 32), requires_grad=False)
+
+        def forward(self, x):
+            return native_ops.linear(x, self.weight)
+
+    layer = Layer()
+    traced = torch.jit.trace(layer, torch.randn(2, 32))
+    assert "tpserve::linear" in str(traced.graph)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(traced(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)

@@ -1,0 +1,72 @@
+"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives and the few-row linear) as one
+library, registered as torch.ops.tpserve.
+
+The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
+trace worker or a layer first needs it (not on import: `python -m tracer --help`, the archive step
+and the handler's error types never pay for it), and cached (keyed by the sources, torch and Python
+version) in $TPSERVE_CACHE_DIR or ~/.cache/tpserve. It must be loaded before any traced graph is
+(RankShard). OpenMP: the linear op splits its work with at::parallel_for, which is OpenMP code in
+torch's headers; linked through torch's lib directory, the library shares torch's libgomp (one
+thread pool, the intra-op threads torch.set_num_threads gives each rank).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from ..cache_dir import cache_dir
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+
+
+def _compile_command(output: Path) -> list[str]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    libdirs = [f"-L{p}" for p in cpp_extension.library_paths()]
+    rpaths = [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    return [
+        os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", str(output),
+        *libdirs, *rpaths, "-lc10", "-ltorch_cpu", "-ltorch",
+    ]
+
+
+def library_path() -> Path:
+    """Path of the compiled library, building it if these sources and this torch have none yet."""
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode() + sys.version.encode())
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    output = cache / f"tpserve_ops_{key.hexdigest()[:16]}.so"
+    if output.exists():
+        return output
+    with open(cache / "build.lock", "w") as lock:  # one builder at a time (spawned trace workers)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not output.exists():
+            partial = output.with_suffix(f".{os.getpid()}.tmp")
+            result = subprocess.run(_compile_command(partial), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building tpserve's C++ ops failed:\n{result.stderr[-4000:]}")
+            partial.rename(output)
+    return output
+
+
+def ops():
+    """torch.ops.tpserve, with the library built and loaded on first use."""
+    if not hasattr(torch.ops.tpserve, "all_reduce"):
+        torch.ops.load_library(str(library_path()))
+    return torch.ops.tpserve
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that streams the weights once when x has at most 8 rows (csrc/linear.cpp)."""
+    return ops().linear(x, weight, bias)
