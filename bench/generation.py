@@ -82,7 +82,7 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
 
     config = json.loads((directory / "config.json").read_text())
     shards = workdir / f"tp{tp}"
-    trace_decoder(directory, config, tp, shards, prefill=[64], max_context=512, batch_size=4)
+    trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4)
     generator = Generator(shards)
     generator.warm_up()
     one = [timed_generate(generator, [question], 1)[0] for _ in range(REPEATS)]
@@ -97,7 +97,7 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
 def served_first_token_ms(workdir: Path) -> float:
     store = workdir / "store"
     subprocess.run([sys.executable, "-m", "tracer", "build", "--model", "smollm2", "--tp-degree", "1",
-                    "--max-context", "512", "--buckets", "64", "--model-name", "smollm2", "--export-path", str(store),
+                    "--max-context", "512", "--model-name", "smollm2", "--export-path", str(store),
                     "--archive-format", "no-archive"], check=True, capture_output=True)
     (workdir / "ts").mkdir()
     server = start_server(workdir / "ts", store, "smollm2")

@@ -51,6 +51,15 @@ def powers_of_two(first: int, last: int) -> list[int]:
     return out + [last]
 
 
+def half_steps(first: int, last: int) -> list[int]:
+    """Powers of two with the midpoints between them, then last (16, 32, 48, 64, 96, 128, 192, ...):
+    a prompt is padded by at most a half, not doubled (prefill time grows with the padded length)."""
+    out = []
+    for bucket in powers_of_two(first, last)[:-1]:
+        out += [bucket, bucket + bucket // 2] if bucket >= 32 else [bucket]
+    return [b for b in out if b < last] + [last]
+
+
 class SequenceLengthBucketKernel(nn.Module):
     """Picks the smallest bucket >= the sequence length (dim 1) and right-pads every input with 0
     (pad token id 0, attention mask 0). Longer than the largest bucket: an error, never garbage."""
