@@ -2,7 +2,9 @@
 
 Bodies: text/plain (one text -> one embedding), JSON {"inputs": "text"} (same) or
 {"inputs": ["t1", ...]} (a list of embeddings, in order); other Content-Types get 415
-(handler/request_parsing.py). A dynamic batch is run one sub-batch per bucket (tracer/engine/embedder.py).
+(handler/request_parsing.py). OpenAI's POST v1/embeddings and GET v1/models under
+/predictions/NAME/1.0/ (handler/openai_api.py). A dynamic batch is run one sub-batch per bucket
+(tracer/engine/embedder.py).
 TorchServe's template: preprocess (each request parsed and tokenized on its own), inference,
 postprocess. A request can fail only itself: whatever goes wrong with one request (bad input: 4xx;
 its sub-batch failing in the model: 500) is that request's answer, and every other request of the
@@ -18,9 +20,11 @@ from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler import openai_api
+from handler.openai_api import EMBEDDINGS, MODELS, NATIVE
 from handler.request_parsing import ParsedRequest, RequestError, error_answer, parse_texts, request_body
 from tracer.engine.embedder import Embedder
-from tracer.errors import ArtifactError, TextTooLongError
+from tracer.errors import ArtifactError, TextTooLongError, TokenIdError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class EmbeddingHandler(BaseHandler):
             raise
         self.max_inputs = int(settings.get("max_inputs_per_request", 64))
         self.embedder.warm_up()
+        self.created = openai_api.created_now()
         logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s in %.1fs", self.embedder.model.tp_degree,
                     self.embedder.buckets, self.embedder.batch_size, executor, time.time() - started)
         self.initialized = True
@@ -51,13 +56,24 @@ class EmbeddingHandler(BaseHandler):
     def preprocess(self, data) -> list[ParsedRequest]:
         requests = []
         for idx, row in enumerate(data):
-            request = ParsedRequest()
+            request = ParsedRequest(route=openai_api.route(self.context, idx))
             try:
+                openai_api.check_route(request.route, (EMBEDDINGS,))
                 value, content_type = request_body(self.context, idx, row)
-                texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
-                request.ids, request.truncated = self.embedder.token_ids(texts)
+                if request.route == EMBEDDINGS:
+                    body = openai_api.read_json(value, content_type)
+                    inputs, request.encoding = openai_api.parse_embeddings(body, self.max_inputs,
+                                                                           self.embedder.dimension)
+                    request.as_list = True
+                    tokenize = self.embedder.token_ids if isinstance(inputs[0], str) else self.embedder.checked_ids
+                    request.ids, request.truncated = tokenize(inputs)
+                elif request.route == NATIVE:
+                    texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
+                    request.ids, request.truncated = self.embedder.token_ids(texts)
             except RequestError as exc:
                 request.fail(exc.status, str(exc))
+            except TokenIdError as exc:
+                request.fail(400, str(exc))
             except TextTooLongError as exc:
                 request.fail(413, str(exc))
             except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
@@ -70,7 +86,7 @@ class EmbeddingHandler(BaseHandler):
         return False
 
     def inference(self, requests: list[ParsedRequest], *args, **kwargs) -> list[ParsedRequest]:
-        good = [r for r in requests if r.ids is not None and r.status == 200]
+        good = [r for r in requests if r.ids and r.status == 200]
         flat = [ids for r in good for ids in r.ids]
         embeddings = iter(self.embedder.embed_ids(flat, self._report) if flat else [])
         for request in good:
@@ -98,8 +114,7 @@ class EmbeddingHandler(BaseHandler):
         for idx, request in enumerate(requests):
             if request.status == 200:
                 try:
-                    vectors = list(map(_vector_json, request.vectors))
-                    answer = "[" + ",".join(vectors) + "]" if request.as_list else vectors[0]
+                    answer = self._answer(request)
                 except Exception as exc:  # noqa: BLE001
                     request.fail(500, f"could not write the answer ({type(exc).__name__})")
                 else:
@@ -107,9 +122,19 @@ class EmbeddingHandler(BaseHandler):
                     if request.truncated:
                         self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
             if request.status != 200:
-                answers.append(error_answer(self.context, idx, request.status, request.error))
+                fail = error_answer if request.route == NATIVE else openai_api.error_answer
+                answers.append(fail(self.context, idx, request.status, request.error))
             self.context.set_response_content_type(idx, "application/json")
         return answers
+
+    def _answer(self, request: ParsedRequest) -> str:
+        if request.route == MODELS:
+            return openai_api.models_answer(self.context.model_name, self.created)
+        if request.route == EMBEDDINGS:
+            tokens = sum(map(len, request.ids))
+            return openai_api.embeddings_answer(self.context.model_name, request.vectors, request.encoding, tokens)
+        vectors = list(map(_vector_json, request.vectors))
+        return "[" + ",".join(vectors) + "]" if request.as_list else vectors[0]
 
 
 def _vector_json(vector: list[float]) -> str:

@@ -32,6 +32,12 @@ class GenerationRequest:
     error: str = ""
     tokens: list[int] = field(default_factory=list)  # generated so far (streaming)
     last_token: int | None = None  # streaming: the token of the last line (None after an EOS)
+    route: str = ""                # "" (native) or an OpenAI path (handler/openai_generation.py)
+    model: str = ""                # OpenAI answers: the served model's name, the response id, its time
+    response_id: str = ""
+    created: int = 0
+    include_usage: bool = False    # OpenAI stream_options.include_usage
+    sent_chunks: int = 0           # OpenAI streaming: events sent so far
 
     def fail(self, status: int, message: str) -> None:
         self.status, self.error = status, message

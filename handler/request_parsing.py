@@ -25,8 +25,10 @@ USE_INSTEAD = "send text with 'Content-Type: text/plain' or JSON with 'Content-T
 class ParsedRequest:
     """One request of the batch on its way through the handler: either token ids, or its error."""
 
+    route: str = ""              # "" (native) or an OpenAI path, e.g. "v1/embeddings"
     ids: list[list[int]] | None = None
     as_list: bool = False
+    encoding: str = "float"      # OpenAI's encoding_format
     truncated: bool = False
     vectors: list | None = None
     status: int = 200
@@ -47,8 +49,18 @@ def request_body(context, idx: int, row) -> tuple[object, str]:
     body. Form bodies arrive as their decoded fields, without "body": body_kind refuses them (415)."""
     if isinstance(row, dict) and "json" in row:  # gRPC: {"json": b'{...}'}
         return row["json"], "application/json"
-    content_type = context.get_request_header(idx, "Content-Type") or ""
+    content_type = header(context, idx, "Content-Type") or ""
     return (row.get("body", row.get("data", b"")) if isinstance(row, dict) else row), content_type
+
+
+def header(context, idx: int, name: str) -> str | None:
+    """A request header by name, in any case: HTTP names are case-insensitive, TorchServe's lookup is
+    not (curl sends "Content-Type", httpx and so the openai client "content-type")."""
+    value = context.get_request_header(idx, name)
+    if value is None:
+        wanted = name.lower()
+        value = next((v for k, v in (context.get_all_request_header(idx) or {}).items() if k.lower() == wanted), None)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def check_unicode(text: str, what: str) -> None:

@@ -5,6 +5,8 @@ import http.client
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 from serving import start_server
@@ -121,3 +123,74 @@ def test_a_hostile_request_in_a_batch_fails_only_itself(llm):
     assert all(status == 400 for (status, _, _), sent in zip(answers, bodies, strict=True)
                if not (isinstance(sent, dict) and "max_new_tokens" in sent))
     assert len(good) == 4 and len({json.dumps(b["token_ids"]) for b in good}) == 1
+
+
+# ---- OpenAI-compatible routes, with the official client ------------------------------------------
+def _openai(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.ports['inference']}/predictions/{server.model}/1.0/v1",
+                         api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_chat_completion_equals_the_native_route(llm, in_process):
+    reply = _openai(llm).chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0)
+    assert reply.object == "chat.completion" and reply.model == "smollm2" and reply.id.startswith("chatcmpl-")
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == "The capital of France is Paris."
+    assert choice.finish_reason == "stop"
+    prompt = in_process.encode(messages=CAPITAL["messages"])
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.total_tokens == len(prompt) + reply.usage.completion_tokens
+
+
+def test_openai_streamed_chat_is_server_sent_events_ending_in_done(llm):
+    client = _openai(llm)
+    whole = client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # raw: text/event-stream, "data: " events, the last one [DONE]
+    connection = http.client.HTTPConnection("127.0.0.1", llm.ports["inference"], timeout=120)
+    connection.request("POST", "/predictions/smollm2/1.0/v1/completions", headers={"Content-Type": "application/json"},
+                       body=json.dumps({"prompt": "The three primary colors are", "max_tokens": 8, "stream": True}))
+    response = connection.getresponse()
+    raw = response.read().decode()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_openai_completion_equals_the_native_route(llm):
+    _, _, native = _post(llm, {"prompt": "The three primary colors are", "max_new_tokens": 12})
+    reply = _openai(llm).completions.create(model="smollm2", prompt="The three primary colors are", max_tokens=12,
+                                            temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == native["text"]
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 12
+
+
+def test_openai_models_and_errors_in_openai_shape(llm):
+    import openai
+
+    client = _openai(llm)
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    with pytest.raises(openai.BadRequestError, match="not supported by this server"):
+        client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], n=2)
+    with pytest.raises(openai.BadRequestError, match="max context"):
+        client.completions.create(model="smollm2", prompt="Hi", max_tokens=100_000)
+    with pytest.raises(openai.APIStatusError, match="the limit is") as too_long:
+        client.completions.create(model="smollm2", prompt="word " * 400)
+    assert too_long.value.status_code == 413
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="smollm2", input="a generation model has no embeddings route")
+    url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/smollm2/1.0/v1/completions"
+    request = urllib.request.Request(url, b"{not json", {"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(request, timeout=60)
+    assert bad.value.code == 400
+    assert json.loads(bad.value.read())["error"] == {"message": "body is not valid JSON", "type":
+                                                     "invalid_request_error", "code": 400}

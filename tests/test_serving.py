@@ -223,3 +223,67 @@ def test_stop_leaves_no_process_behind(served):
     ps = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True).stdout
     running = {int(pid) for pid, stat in (line.split() for line in ps.splitlines()) if not stat.startswith("Z")}
     assert not set(pids) & running  # exited zombies wait for init to reap them: not running
+
+
+# ---- OpenAI-compatible routes, with the official client ------------------------------------------
+def _openai(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.ports['inference']}/predictions/{server.model}/1.0/v1",
+                         api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_embeddings_base64_default_and_float_equal_encode(served, encode):
+    from tokenizers import Tokenizer
+
+    client = _openai(served)
+    texts = MIXED[:5]
+    reply = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64 and decodes it
+    assert reply.object == "list" and reply.model == "minilm" and [d.index for d in reply.data] == list(range(5))
+    assert_same([d.embedding for d in reply.data], encode(texts))
+    tokenizer = Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json"))
+    tokenizer.no_padding()  # the checkpoint's file pads to 128
+    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens == tokens
+    floats = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
+    assert_same(floats.data[0].embedding, encode([texts[0]]))
+    ids = tokenizer.encode(texts[1]).ids  # token-id arrays are ids of the model's own tokenizer
+    by_ids = client.embeddings.create(model="minilm", input=[ids, ids[:3]], encoding_format="float")
+    assert_same(by_ids.data[0].embedding, encode([texts[1]]))
+    assert by_ids.usage.prompt_tokens == len(ids) + 3
+
+
+def test_openai_models_and_errors_in_openai_shape(served):
+    import openai
+
+    client = _openai(served)
+    assert [m.id for m in client.models.list().data] == ["minilm"]
+    with pytest.raises(openai.BadRequestError, match="384 dimensions"):
+        client.embeddings.create(model="minilm", input="x", dimensions=128)
+    assert client.embeddings.create(model="minilm", input="x", dimensions=384).data[0].embedding
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.embeddings.create(model="minilm", input=[[101, 10**9, 102]])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="minilm", prompt="an embedding model does not complete")
+    url = f"http://127.0.0.1:{served.ports['inference']}/predictions/minilm/1.0/v1/embeddings"
+    body = json.dumps({"input": "\ud800"}).encode()  # a lone surrogate, JSON-escaped
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(request, timeout=60)
+    assert bad.value.code == 400 and bad.value.headers["Content-Type"] == "application/json"
+    error = json.loads(bad.value.read())["error"]
+    assert set(error) == {"message", "type", "code"} and "not valid Unicode" in error["message"]
+
+
+def test_openai_and_native_requests_in_one_batch_each_get_their_own_shape(served, encode):
+    client = _openai(served)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        openai_replies = [pool.submit(client.embeddings.create, model="minilm", input=[t], encoding_format="float")
+                          for t in MIXED[:4]]
+        native = [pool.submit(served.post, t) for t in MIXED[4:8]]
+        for text, reply in zip(MIXED[:4], openai_replies, strict=True):
+            assert_same(reply.result().data[0].embedding, encode([text]))
+        for text, reply in zip(MIXED[4:8], native, strict=True):
+            status, _, body = reply.result()
+            assert status == 200
+            assert_same(body, encode([text]))

@@ -94,6 +94,10 @@ class TextTooLongError(TpServeError, ValueError):
     """A text has more tokens than the model reads, and the embedder was told to reject, not truncate."""
 
 
+class TokenIdError(TpServeError, ValueError):
+    """A token id a client sent is outside the model's vocabulary."""
+
+
 class GenerationRequestError(TpServeError, ValueError):
     """A generation request the model cannot run (bad sampling values, prompt too long, ...);
     status is the HTTP status a server should answer (400, or 413 for a prompt over the limit)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import tokenizer_file
-from ..errors import ManifestError, TextTooLongError
+from ..errors import ManifestError, TextTooLongError, TokenIdError
 from ..runtime.tensor_parallel_model import parallel_model_load
 
 
@@ -48,6 +48,7 @@ class Embedder:
         # truncates at its largest bucket (the tracer warned)
         self.max_tokens = min(info.get("max_seq_length") or self.buckets[-1], self.buckets[-1])
         self.too_long = too_long
+        self.dimension: int | None = info.get("hidden_size")  # mean/CLS pooling: the embedding's size
 
     def warm_up(self) -> None:
         """The first runs of a traced graph are slow (profiling): run every bucket twice first."""
@@ -67,6 +68,20 @@ class Embedder:
             raise TextTooLongError(f"text {too_long[0]} has {len(encoded[too_long[0]])} tokens; "
                                    f"the limit is {limit}")
         return [ids[:limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded], bool(too_long)
+
+    def checked_ids(self, arrays: list[list[int]]) -> tuple[list[list[int]], bool]:
+        """Token-id arrays a client sent (ids of this model's tokenizer, used as given), and whether
+        any was cut to max_tokens. An id outside the vocabulary: TokenIdError; too long with
+        too_long="reject": TextTooLongError."""
+        vocab = self.tokenizer.get_vocab_size()
+        for i, ids in enumerate(arrays):
+            if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+                raise TokenIdError(f"token-id array {i} holds {bad}, outside this model's vocabulary (0..{vocab - 1})")
+        too_long = [i for i, ids in enumerate(arrays) if len(ids) > self.max_tokens]
+        if too_long and self.too_long == "reject":
+            raise TextTooLongError(f"token-id array {too_long[0]} has {len(arrays[too_long[0]])} tokens; "
+                                   f"the limit is {self.max_tokens}")
+        return [ids[:self.max_tokens] for ids in arrays], bool(too_long)
 
     def embed_ids(self, token_ids: list[list[int]], on_sub_batch=None) -> list:
         """Embeddings in input order; one sub-batch (of at most batch_size) per bucket. A sub-batch
