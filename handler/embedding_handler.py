@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import openai_api
+from handler import open_inference, openai_api
+from handler.open_inference import V2
 from handler.openai_api import EMBEDDINGS, MODELS, NATIVE
 from handler.request_parsing import ParsedRequest, RequestError, error_answer, parse_texts, request_body
 from tracer.engine.embedder import Embedder
@@ -68,9 +69,16 @@ class EmbeddingHandler(BaseHandler):
                     tokenize = self.embedder.token_ids if isinstance(inputs[0], str) else self.embedder.checked_ids
                     request.ids, request.truncated = tokenize(inputs)
                 elif request.route == NATIVE:
-                    texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
+                    grpc = open_inference.from_grpc(self.context, idx)
+                    request.v2 = open_inference.parse_v2(value, content_type, grpc, self.max_inputs)
+                    if request.v2 is not None:  # KServe v2: REST /v2/models/NAME/infer or gRPC ModelInfer
+                        request.route, texts, request.as_list = V2, request.v2.texts, True
+                    else:
+                        texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
                     request.ids, request.truncated = self.embedder.token_ids(texts)
             except RequestError as exc:
+                if isinstance(exc, open_inference.V2RequestError):
+                    request.route, request.v2 = V2, exc.request
                 request.fail(exc.status, str(exc))
             except TokenIdError as exc:
                 request.fail(400, str(exc))
@@ -122,14 +130,23 @@ class EmbeddingHandler(BaseHandler):
                     if request.truncated:
                         self.context.set_response_header(idx, "X-Tpserve-Truncated", "true")
             if request.status != 200:
-                fail = error_answer if request.route == NATIVE else openai_api.error_answer
-                answers.append(fail(self.context, idx, request.status, request.error))
+                answers.append(self._error(idx, request))
             self.context.set_response_content_type(idx, "application/json")
         return answers
+
+    def _error(self, idx: int, request: ParsedRequest) -> str:
+        if request.route == V2:
+            v2 = request.v2
+            return open_inference.error_answer(self.context, idx, request.status, request.error, v2.grpc,
+                                               v2.request_id)
+        fail = error_answer if request.route == NATIVE else openai_api.error_answer
+        return fail(self.context, idx, request.status, request.error)
 
     def _answer(self, request: ParsedRequest) -> str:
         if request.route == MODELS:
             return openai_api.models_answer(self.context.model_name, self.created)
+        if request.route == V2:
+            return open_inference.answer(request.v2, self.context, request.vectors)
         if request.route == EMBEDDINGS:
             tokens = sum(map(len, request.ids))
             return openai_api.embeddings_answer(self.context.model_name, request.vectors, request.encoding, tokens)

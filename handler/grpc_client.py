@@ -1,14 +1,16 @@
-"""A small gRPC client for TorchServe's inference API.
+"""A small gRPC client for TorchServe's inference API and its Open Inference Protocol (KServe v2).
 
     python -m handler.grpc_client "some text" ["another text" ...] [--target 127.0.0.1:7070] [--model minilm]
 
-Stubs are generated on first use from the inference.proto inside the installed TorchServe jar
-(grpcio-tools + googleapis-common-protos) into ~/.cache/tpserve/grpc-<hash>/, so they always match
-the installed TorchServe and grpcio. One text is sent as the "body" input; several are sent as a
-JSON {"inputs": [...]} in the "json" input, and come back as a list of embeddings in order.
+Needs grpcio, grpcio-tools and googleapis-common-protos, not TorchServe: the .proto files ship in
+handler/protos/ (copied from TorchServe 0.12's frontend jar, Apache-2.0) and stubs are generated on
+first use into ~/.cache/tpserve/grpc-<hash>/, so they always match the installed grpcio. One text is
+sent as the "body" input; several are sent as a JSON {"inputs": [...]} in the "json" input, and come
+back as a list of embeddings in order. infer_v2() calls ModelInfer of TorchServe's
+open_inference_grpc.proto (package org.pytorch.serve.grpc.openinference, not KServe's `inference`).
 
-TorchServe 0.12's gRPC Predictions answers OK whatever status the handler set, so a bad input
-comes back as the handler's {"error", "status"} body; embed() raises PredictionError for it.
+TorchServe 0.12's gRPC answers OK whatever status the handler set, so a bad input comes back as the
+handler's error body (or, for ModelInfer, an "error" output); both raise PredictionError here.
 """
 
 from __future__ import annotations
@@ -18,39 +20,34 @@ import hashlib
 import importlib
 import json
 import sys
-import zipfile
 from pathlib import Path
 
+from handler.rest_client import PredictionError  # noqa: F401 - raised here too, one class for both clients
 from tracer.cache_dir import cache_dir
 
-
-class PredictionError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status, self.message = status, message
+PROTOS = Path(__file__).parent / "protos"
 
 
-def _stub_modules():
+def _stub_modules(name: str = "inference"):
+    """(name_pb2, name_pb2_grpc) for protos/NAME.proto, generated once per proto and grpcio-tools."""
     import google.rpc.status_pb2
     import grpc_tools
-    import ts
     from grpc_tools import protoc
 
-    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
-    with zipfile.ZipFile(jar) as archive:
-        proto = archive.read("inference.proto")
+    proto = (PROTOS / f"{name}.proto").read_bytes()
     out = cache_dir() / f"grpc-{hashlib.sha256(proto + grpc_tools.__file__.encode()).hexdigest()[:16]}"
-    if not (out / "inference_pb2_grpc.py").is_file():
+    if not (out / f"{name}_pb2_grpc.py").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "inference.proto").write_bytes(proto)
+        (out / f"{name}.proto").write_bytes(proto)
         googleapis = Path(google.rpc.status_pb2.__file__).parent.parent.parent
         well_known = Path(grpc_tools.__file__).parent / "_proto"
         code = protoc.main(["protoc", f"-I{out}", f"-I{googleapis}", f"-I{well_known}", f"--python_out={out}",
-                            f"--grpc_python_out={out}", str(out / "inference.proto")])
+                            f"--grpc_python_out={out}", str(out / f"{name}.proto")])
         if code != 0:
             raise RuntimeError(f"protoc failed ({code}) generating stubs into {out}")
-    sys.path.insert(0, str(out))
-    return importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
+    if str(out) not in sys.path:
+        sys.path.insert(0, str(out))
+    return importlib.import_module(f"{name}_pb2"), importlib.import_module(f"{name}_pb2_grpc")
 
 
 def embed(texts: str | list[str], target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 60):
@@ -85,6 +82,38 @@ def stream_generate(body: dict, target: str = "127.0.0.1:7070", model: str = "sm
                 if "error" in result:
                     raise PredictionError(result.get("status", 500), result["error"])
                 yield result
+
+
+def infer_v2(texts: list[str], target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 60,
+             request_id: str = "") -> list[list[float]]:
+    """Embeddings of texts through the Open Inference Protocol's ModelInfer (BYTES in, FP32 out)."""
+    import grpc
+
+    pb2, pb2_grpc = _stub_modules("open_inference_grpc")
+    tensor = pb2.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(texts)],
+        contents=pb2.InferTensorContents(bytes_contents=[t.encode() for t in texts]))
+    with grpc.insecure_channel(target) as channel:
+        response = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            pb2.ModelInferRequest(model_name=model, id=request_id, inputs=[tensor]), timeout=timeout)
+    outputs = {o.name: o for o in response.outputs}
+    if "error" in outputs:  # TorchServe writes BYTES outputs as JSON text: "\"400: ...\""
+        status, _, message = json.loads(outputs["error"].contents.bytes_contents[0]).partition(": ")
+        raise PredictionError(int(status), message)
+    out = outputs["embedding"]
+    rows, dim = out.shape
+    data = list(out.contents.fp32_contents)
+    return [data[i * dim:(i + 1) * dim] for i in range(rows)]
+
+
+def model_ready(target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 10) -> bool:
+    """ModelReady of the Open Inference Protocol (TorchServe: a healthy worker per minWorkers)."""
+    import grpc
+
+    pb2, pb2_grpc = _stub_modules("open_inference_grpc")
+    with grpc.insecure_channel(target) as channel:
+        return pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+            pb2.ModelReadyRequest(name=model), timeout=timeout).ready
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ class ParsedRequest:
     ids: list[list[int]] | None = None
     as_list: bool = False
     encoding: str = "float"      # OpenAI's encoding_format
+    v2: object = None            # an Open Inference Protocol request (handler/open_inference.py)
     truncated: bool = False
     vectors: list | None = None
     status: int = 200

@@ -194,3 +194,13 @@ def test_openai_models_and_errors_in_openai_shape(llm):
     assert bad.value.code == 400
     assert json.loads(bad.value.read())["error"] == {"message": "body is not valid JSON", "type":
                                                      "invalid_request_error", "code": 400}
+
+
+def test_rest_client_generates_and_streams(llm):
+    from handler.rest_client import Client
+
+    client = Client(f"http://127.0.0.1:{llm.ports['inference']}")
+    whole = client.generate(messages=CAPITAL["messages"])
+    assert whole["text"] == "The capital of France is Paris."
+    lines = list(client.stream(messages=CAPITAL["messages"]))
+    assert "".join(line["text"] for line in lines) == whole["text"] and lines[-1]["usage"] == whole["usage"]

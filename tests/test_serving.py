@@ -287,3 +287,56 @@ def test_openai_and_native_requests_in_one_batch_each_get_their_own_shape(served
             status, _, body = reply.result()
             assert status == 200
             assert_same(body, encode([text]))
+
+
+# ---- Open Inference Protocol (KServe v2), REST and gRPC ------------------------------------------
+def _v2_post(server, body: dict):
+    url = f"http://127.0.0.1:{server.ports['inference']}/v2/models/minilm/infer"
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_open_inference_rest_bytes_in_fp32_out(served, encode):
+    texts = MIXED[:3]
+    status, body = _v2_post(served, {"id": "r1", "inputs": [{"name": "text", "shape": [3], "datatype": "BYTES",
+                                                              "data": texts}]})
+    assert status == 200 and body["id"] == "r1" and body["model_name"] == "minilm"
+    (output,) = body["outputs"]
+    assert output["name"] == "embedding" and output["datatype"] == "FP32" and output["shape"] == [3, 384]
+    assert_same([output["data"][i * 384:(i + 1) * 384] for i in range(3)], encode(texts))
+    status, error = _v2_post(served, {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+    assert status == 400 and "datatype must be BYTES" in error["error"]
+    live = urllib.request.urlopen(f"http://127.0.0.1:{served.ports['inference']}/v2/health/live", timeout=10)
+    assert json.loads(live.read()) == {"live": True}
+
+
+def test_open_inference_grpc_model_infer_ready_and_a_bad_request_fails_only_itself(served, encode):
+    target = f"127.0.0.1:{served.ports['grpc']}"
+    assert grpc_client.model_ready(target, "minilm")
+    texts = ["héllo wörld", MIXED[6]]
+    assert_same(grpc_client.infer_v2(texts, target, "minilm"), encode(texts))
+    with pytest.raises(grpc_client.PredictionError, match="text 0 is empty") as bad:
+        grpc_client.infer_v2([" "], target, "minilm")
+    assert bad.value.status == 400
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the worker was not restarted: answers at once
+        results = list(pool.map(lambda t: grpc_client.infer_v2([t], target, "minilm", timeout=10), MIXED[:4]))
+    assert_same([r[0] for r in results], encode(MIXED[:4]))
+
+
+def test_rest_client_needs_neither_torchserve_nor_torch(served, encode):
+    script = ("import sys, json\nfrom handler.rest_client import Client\n"
+              f"print(json.dumps(Client('http://127.0.0.1:{served.ports['inference']}').embed(['a', 'b c'])))\n"
+              "print(sorted(m for m in ('ts', 'torch', 'tracer', 'grpc') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert_same(json.loads(out[0]), encode(["a", "b c"]))
+    assert out[1] == "[]"
+    from handler.rest_client import Client, PredictionError
+
+    with pytest.raises(PredictionError, match="empty text") as bad:
+        Client(f"http://127.0.0.1:{served.ports['inference']}").embed([""])
+    assert bad.value.status == 400
