@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+import yaml
 from conftest import MINILM_DIR
 
 import tracer
@@ -189,3 +190,22 @@ def test_help_is_fast_and_shows_defaults():
     text = " ".join(result.stdout.split())
     assert "(default: 2)" in text and "(default: model_store)" in text
     assert "default: 1 for embeddings, 4 for generation" in text and "up to max_seq_length" in text
+
+
+def test_serving_settings_are_archive_flags(built, tmp_path):
+    """TorchServe's and the handler's settings are set when archiving (no unzipping a .mar), checked first."""
+    flags = ["--serve-batch-size", "16", "--max-batch-delay", "7", "--workers", "2", "--response-timeout", "30",
+             "--too-long", "reject", "--max-inputs-per-request", "8"]
+    result = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
+                             "--model-name", "m2", "--export-path", str(tmp_path), *flags], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "m2.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert (config["batchSize"], config["maxBatchDelay"], config["minWorkers"], config["maxWorkers"],
+            config["responseTimeout"]) == (16, 7, 2, 2, 30)
+    assert config["handler"]["too_long"] == "reject" and config["handler"]["max_inputs_per_request"] == 8
+    bad = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
+                          "--model-name", "m3", "--export-path", str(tmp_path), "--too-long", "drop"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--too-long" in bad.stderr

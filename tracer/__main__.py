@@ -59,6 +59,18 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                    help="default: NAME.mar; no-archive: a folder (large models)")
     p.add_argument("--max-batch-delay", type=int, default=2, help="TorchServe maxBatchDelay in ms")
+    p.add_argument("--serve-batch-size", type=int, default=None,
+                   help="embeddings: TorchServe batchSize (default: the traced --batch-size); a generation "
+                        "model's batch is its traced --batch-size")
+    p.add_argument("--workers", type=int, default=1, help="TorchServe workers (minWorkers = maxWorkers)")
+    p.add_argument("--response-timeout", type=int, default=None,
+                   help="TorchServe responseTimeout in s (default: 120 embeddings, 300 generation)")
+    p.add_argument("--startup-timeout", type=int, default=600, help="TorchServe startupTimeout in s")
+    p.add_argument("--too-long", choices=["truncate", "reject"], default="truncate",
+                   help="embeddings: a text over max_seq_length is truncated (as sentence-transformers) or 413")
+    p.add_argument("--max-inputs-per-request", type=int, default=64, help="embeddings: texts in one request")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation: tokens generated when a request does not say")
     p.add_argument("--torchrun", action="store_true",
                    help="TorchServe torchrun mode: one process per rank (parallelType tp) instead of rank threads")
 
@@ -106,9 +118,19 @@ def _check(args) -> None:
     else:
         check_shards(args.shards)
     if args.command in ("archive", "build"):
-        check_archive_args(args.model_name, args.export_path, args.archive_format, args.max_batch_delay)
+        kind = args.kind if args.command == "build" else check_shards(args.shards).model.get("kind")
+        check_archive_args(args.model_name, args.export_path, args.archive_format, _settings(args), kind)
     if args.command in ("trace", "build"):
         check_output_dir(args.output)
+
+
+def _settings(args):
+    from .build.archive import ServeSettings
+
+    return ServeSettings(max_batch_delay_ms=args.max_batch_delay, batch_size=args.serve_batch_size,
+                         workers=args.workers, response_timeout_s=args.response_timeout,
+                         startup_timeout_s=args.startup_timeout, too_long=args.too_long,
+                         max_inputs_per_request=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens)
 
 
 def _run(args) -> None:
@@ -133,7 +155,7 @@ def _run(args) -> None:
     if args.command in ("archive", "build"):
         from .build.archive import build_archive
 
-        target = build_archive(shards, args.model_name, args.export_path, args.archive_format, args.max_batch_delay,
+        target = build_archive(shards, args.model_name, args.export_path, args.archive_format, _settings(args),
                                args.torchrun)
         print(f"wrote {target}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -22,22 +23,54 @@ HANDLERS = {kind: Path(__file__).resolve().parents[2] / "handler" / f"{kind}_han
             for kind in ("embedding", "generation")}
 
 
-def model_config(manifest: Manifest, max_batch_delay_ms: int, torchrun: bool = False) -> dict:
+@dataclass
+class ServeSettings:
+    """What TorchServe and our handler read from the archive's model-config.yaml; None: the default
+    for the model's kind. Flags of `python -m tracer archive|build` (no need to unzip a .mar)."""
+
+    max_batch_delay_ms: int = 2
+    batch_size: int | None = None         # TorchServe batchSize (generation: the traced rows, fixed)
+    workers: int = 1                      # minWorkers = maxWorkers
+    response_timeout_s: int | None = None
+    startup_timeout_s: int = 600          # loading verifies checksums and binds every rank's weights
+    too_long: str = "truncate"            # embeddings: or "reject" (413)
+    max_inputs_per_request: int = 64      # embeddings
+    max_new_tokens: int = 256             # generation: the default when a request gives none
+
+    def check(self, kind: str | None = None) -> None:
+        if self.max_batch_delay_ms < 0:
+            raise UsageError(f"--max-batch-delay must be >= 0, got {self.max_batch_delay_ms}")
+        flags = {"batch_size": "serve-batch-size", "workers": "workers", "response_timeout_s": "response-timeout",
+                 "startup_timeout_s": "startup-timeout", "max_inputs_per_request": "max-inputs-per-request",
+                 "max_new_tokens": "max-new-tokens"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {value}")
+        if self.too_long not in ("truncate", "reject"):
+            raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
+        if kind == "generation" and self.batch_size is not None:
+            raise UsageError("--serve-batch-size is for embeddings: a generation model's batch is its traced "
+                             "--batch-size (one KV-cache row per request)")
+
+
+def model_config(manifest: Manifest, settings: ServeSettings | None = None, torchrun: bool = False) -> dict:
     """model-config.yaml: TorchServe's worker settings plus our handler's. torchrun=True: TorchServe
     starts each worker as tp_degree processes with torchrun, one rank each (parallelType tp)."""
+    s = settings or ServeSettings()
     generation = manifest.model.get("kind") == "generation"
     config = {
-        "minWorkers": 1,
-        "maxWorkers": 1,
+        "minWorkers": s.workers,
+        "maxWorkers": s.workers,
         # generation: the requests of one batch decode together, one cache row each
-        "batchSize": manifest.model["decoder"]["max_batch"] if generation else manifest.batch_size(),
-        "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": 300 if generation else 120,
-        "startupTimeout": 600,  # loading verifies checksums and binds every rank's weights
-        "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": 256} if generation else {
+        "batchSize": manifest.model["decoder"]["max_batch"] if generation else s.batch_size or manifest.batch_size(),
+        "maxBatchDelay": s.max_batch_delay_ms,
+        "responseTimeout": s.response_timeout_s or (300 if generation else 120),
+        "startupTimeout": s.startup_timeout_s,
+        "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": s.max_new_tokens} if generation else {
             "tp_degree": manifest.tp_degree,
-            "max_inputs_per_request": 64,
-            "too_long": "truncate",  # or "reject" (413)
+            "max_inputs_per_request": s.max_inputs_per_request,
+            "too_long": s.too_long,
         },
     }
     if torchrun:
@@ -59,24 +92,24 @@ def check_shards(shards: Path) -> Manifest:
     return manifest
 
 
-def check_archive_args(model_name: str, export_path: Path, archive_format: str, max_batch_delay_ms: int) -> None:
+def check_archive_args(model_name: str, export_path: Path, archive_format: str,
+                       settings: ServeSettings | None = None, kind: str | None = None) -> None:
     if archive_format not in ("default", "no-archive"):
         raise UsageError(f"--archive-format must be default or no-archive, got {archive_format!r}")
     if not model_name or not model_name.replace("-", "").replace("_", "").isalnum() or not model_name.isascii():
         raise UsageError(f"--model-name may hold letters, digits, - and _ only, got {model_name!r}")
-    if max_batch_delay_ms < 0:
-        raise UsageError(f"--max-batch-delay must be >= 0, got {max_batch_delay_ms}")
+    (settings or ServeSettings()).check(kind)
     check_output_dir(export_path, "--export-path")
 
 
 def build_archive(shards: Path, model_name: str, export_path: Path, archive_format: str = "default",
-                  max_batch_delay_ms: int = 2, torchrun: bool = False) -> Path:
+                  settings: ServeSettings | None = None, torchrun: bool = False) -> Path:
     manifest = check_shards(shards)
-    check_archive_args(model_name, export_path, archive_format, max_batch_delay_ms)
+    check_archive_args(model_name, export_path, archive_format, settings, manifest.model.get("kind"))
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(manifest, max_batch_delay_ms, torchrun), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config(manifest, settings, torchrun), sort_keys=False))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
                    "--version", "1.0", "--handler", str(HANDLERS[manifest.model.get("kind", "embedding")]),
                    "--extra-files", str(shards),
