@@ -191,10 +191,14 @@ def example_commands(inference: str, store: Path, entry: str) -> list[str]:
     if (manifest.get("model") or {}).get("kind") == "generation":
         chat = '{"messages": [{"role": "user", "content": "What is the capital of France?"}]'
         return [f"curl -s -X POST {url} -H 'Content-Type: application/json' --data '{chat}}}'",
-                f"curl -sN -X POST {url} -H 'Content-Type: application/json' --data '{chat}, \"stream\": true}}'"]
+                f"curl -sN -X POST {url} -H 'Content-Type: application/json' --data '{chat}, \"stream\": true}}'",
+                f"curl -sN {url}/1.0/v1/chat/completions -H 'Content-Type: application/json' "
+                f"--data '{chat}, \"model\": \"{name}\", \"stream\": true}}'   # OpenAI-compatible"]
     return [f"curl -s -X POST {url} -H 'Content-Type: text/plain' --data 'tensor parallel inference on CPU'",
             f"""curl -s -X POST {url} -H 'Content-Type: application/json' """
-            """--data '{"inputs": ["first text", "second text"]}'"""]
+            """--data '{"inputs": ["first text", "second text"]}'""",
+            f"""curl -s {url}/1.0/v1/embeddings -H 'Content-Type: application/json' """
+            f"""--data '{{"model": "{name}", "input": ["first text"]}}'   # OpenAI-compatible"""]
 
 
 def main(argv: list[str] | None = None) -> int:
