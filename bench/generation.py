@@ -1,7 +1,8 @@
-"""Generation benchmark, one run: SmolLM2-135M-Instruct (fp32), time to first token and per-token
-latency at 1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 and served (REST,
-streamed) at tp 1, next to Hugging Face generate() in the same run and the memory-bandwidth limit
-(fp32 weight bytes read per token ÷ this machine's measured copy bandwidth).
+"""Generation benchmark, one run: SmolLM2-135M-Instruct, time to first token and per-token latency at
+1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 (fp32) and tp 1 / 2 with int8
+weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() in the same run and
+the memory-bandwidth limit (weight bytes read per token ÷ this machine's measured copy bandwidth);
+then the int8 model's quality next to fp32 (teacher-forced top-1 agreement, perplexity).
 
     .venv/bin/python -m bench.generation
 """
@@ -44,6 +45,19 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
+def hf_reference(directory: Path, story: list[int]) -> tuple[list[int], float]:
+    """Hugging Face's fp32 greedy continuation of the story (NEW_TOKENS) and its perplexity on it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([story]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False)[0, len(story):].tolist()
+        logits = model(torch.tensor([story + tokens])).logits[0, len(story) - 1:-1]
+    logprobs = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return tokens, math.exp(-logprobs.mean().item())
+
+
 def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
 
@@ -76,15 +90,20 @@ def timed_generate(generator, prompts: list[list[int]], new_tokens: int) -> tupl
     return (stamps[0][0] - start) * 1000, statistics.median(gaps) * 1000 if gaps else 0.0, tokens / wall
 
 
-def in_process_rows(directory: Path, question: list[int], story: list[int], tp: int, workdir: Path) -> list:
+def in_process_rows(directory: Path, question: list[int], story: list[int], tp: int, workdir: Path,
+                    weights: str = "fp32", quality: dict | None = None) -> list:
     from tracer.build.decoder_checkpoint import trace_decoder
     from tracer.engine.generator import Generator
 
     config = json.loads((directory / "config.json").read_text())
-    shards = workdir / f"tp{tp}"
-    trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4)
+    shards = workdir / f"tp{tp}-{weights}"
+    trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4, weights=weights)
     generator = Generator(shards)
     generator.warm_up()
+    if quality is not None:  # teacher-forced on Hugging Face's fp32 greedy continuation of the story
+        top1, logprobs = generator.teacher_forced(story, quality["tokens"])
+        quality["agreement"] = sum(a == b for a, b in zip(top1, quality["tokens"], strict=True)) / len(top1)
+        quality["perplexity"] = math.exp(-sum(logprobs) / len(logprobs))
     one = [timed_generate(generator, [question], 1)[0] for _ in range(REPEATS)]
     per_token = [timed_generate(generator, [story], NEW_TOKENS)[1] for _ in range(3)]
     four = [timed_generate(generator, [story] * 4, NEW_TOKENS) for _ in range(3)]
@@ -136,25 +155,39 @@ def main() -> None:
     with safe_open(str(directory / "model.safetensors"), "pt") as f:  # the tied LM head is stored once
         weight_bytes = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 4
     floor_ms = weight_bytes / bandwidth / 1e9 * 1000  # every weight byte read once per token, at copy speed
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:  # int8: 1 byte per linear / LM head weight
+        int8_bytes = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("proj.weight")
+                         or k == "model.embed_tokens.weight")
     hf_first, hf_token = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
-    results = {}
+    reference, hf_perplexity = hf_reference(directory, story)
+    results, quality = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for tp in (1, 2, 3):
-            results[tp] = in_process_rows(directory, question, story, tp, Path(tmp))
-            first, token, token4, rate4, rate1 = results[tp]
-            rows.append([f"tpserve in-process tp={tp}", f"{first:.0f}", f"{token:.1f}", f"{token4:.1f}",
+        for tp, weights in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "int8"), (2, "int8")):
+            quality[tp, weights] = {"tokens": reference}
+            results[tp, weights] = in_process_rows(directory, question, story, tp, Path(tmp), weights,
+                                                   quality[tp, weights])
+            first, token, token4, rate4, rate1 = results[tp, weights]
+            rows.append([f"tpserve in-process tp={tp}" + (", int8 weights" if weights == "int8" else ""),
+                         f"{first:.0f}", f"{token:.1f}", f"{token4:.1f}",
                          f"{rate4:.0f} / {rate1:.0f} ({rate4 / rate1:.2f}×)", f"{token / hf_token:.2f}×"])
             print(rows[0], rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a failure later
         served = served_first_token_ms(Path(tmp))
     rows.append(["tpserve served tp=1 (REST, streamed)", f"{served:.0f}", "", "", "", ""])
     rows.append([f"memory floor: {weight_bytes / 1e6:.0f} MB of fp32 weights ÷ {bandwidth:.0f} GB/s copy bandwidth",
                  "", f"{floor_ms:.1f}", "", "", ""])
+    rows.append([f"memory floor, int8: {int8_bytes / 1e6:.0f} MB of int8 weights ÷ {bandwidth:.0f} GB/s", "",
+                 f"{int8_bytes / bandwidth / 1e6:.1f}", "", "", ""])
     print(f"SmolLM2-135M-Instruct fp32; prompt {len(question)} tokens (first token), {len(story)} tokens + "
           f"{NEW_TOKENS} new (per token); copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",
                  "tokens/s 4 streams / 1 stream", "per token ÷ HF"], rows))
-    print(f"served − in-process first token (tp=1): {served - results[1][0]:.1f} ms")
+    print(f"served − in-process first token (tp=1): {served - results[1, 'fp32'][0]:.1f} ms")
+    print(f"quality, teacher-forced on Hugging Face's fp32 greedy {NEW_TOKENS} tokens of the story "
+          f"(HF fp32 perplexity {hf_perplexity:.3f}):")
+    print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
+                [[f"tp={tp} {weights}", f"{q['agreement']:.1%}", f"{q['perplexity']:.3f}",
+                  f"{q['perplexity'] / hf_perplexity:.4f}"] for (tp, weights), q in quality.items()]))
 
 
 if __name__ == "__main__":

@@ -42,3 +42,16 @@ def test_traced_graph_records_the_op():
     assert "tpserve::linear" in str(traced.graph)
     x = torch.randn(3, 32)
     torch.testing.assert_close(traced(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40])
+def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 577, generator=g), torch.randn(1536, 577, generator=g), torch.randn(1536, generator=g)
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    dequantized = q.float() * scale[:, None]
+    assert (dequantized - w).abs().max() <= scale.max() / 2 + 1e-6  # rounding: half a step at most
+    for bias in (None, b):
+        torch.testing.assert_close(native_ops.linear_int8(x, q, scale, bias), F.linear(x, dequantized, bias),
+                                   rtol=1e-5, atol=2e-4)

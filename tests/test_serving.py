@@ -204,27 +204,6 @@ def test_metrics_in_prometheus_format_count_texts_and_keep_every_observation(ser
         assert _sample(after, f"{name}_sum", "16") > _sample(before, f"{name}_sum", "16")
 
 
-def test_every_listener_is_on_loopback(served):
-    listeners = [(p.pid, c.laddr) for p in served.our_processes() for c in p.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
-    assert len(listeners) >= 5  # inference, management, metrics, gRPC x2
-    for pid, laddr in listeners:
-        ip = ipaddress.ip_address(laddr.ip)
-        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
-        assert ip.is_loopback, (pid, laddr)
-
-
-def test_stop_leaves_no_process_behind(served):
-    """Last in this module: `python -m handler.server stop` (what `make stop` runs)."""
-    pids = [p.pid for p in served.our_processes()]
-    assert len(pids) >= 2  # the frontend and the model's worker
-    subprocess.run([sys.executable, "-m", "handler.server", "stop", "--log-dir", str(served.log_dir)], check=True)
-    served.process.wait(timeout=30)
-    ps = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True).stdout
-    running = {int(pid) for pid, stat in (line.split() for line in ps.splitlines()) if not stat.startswith("Z")}
-    assert not set(pids) & running  # exited zombies wait for init to reap them: not running
-
-
 # ---- OpenAI-compatible routes, with the official client ------------------------------------------
 def _openai(server):
     import openai
@@ -340,3 +319,24 @@ def test_rest_client_needs_neither_torchserve_nor_torch(served, encode):
     with pytest.raises(PredictionError, match="empty text") as bad:
         Client(f"http://127.0.0.1:{served.ports['inference']}").embed([""])
     assert bad.value.status == 400
+
+
+def test_every_listener_is_on_loopback(served):
+    listeners = [(p.pid, c.laddr) for p in served.our_processes() for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert len(listeners) >= 5  # inference, management, metrics, gRPC x2
+    for pid, laddr in listeners:
+        ip = ipaddress.ip_address(laddr.ip)
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+        assert ip.is_loopback, (pid, laddr)
+
+
+def test_stop_leaves_no_process_behind(served):
+    """Last in this module: `python -m handler.server stop` (what `make stop` runs)."""
+    pids = [p.pid for p in served.our_processes()]
+    assert len(pids) >= 2  # the frontend and the model's worker
+    subprocess.run([sys.executable, "-m", "handler.server", "stop", "--log-dir", str(served.log_dir)], check=True)
+    served.process.wait(timeout=30)
+    ps = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True).stdout
+    running = {int(pid) for pid, stat in (line.split() for line in ps.splitlines()) if not stat.startswith("Z")}
+    assert not set(pids) & running  # exited zombies wait for init to reap them: not running

@@ -51,6 +51,9 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
+    p.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
+                   help="generation: int8 = weight-only int8 linear layers and LM head, one scale per output "
+                        "feature (a quarter of the bytes read per token)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:
@@ -108,13 +111,16 @@ def _check(args) -> None:
         if args.kind == "embedding":
             if args.max_context is not None:
                 raise UsageError("--max-context is for generation models; embeddings read up to max_seq_length")
+            if args.weights != "fp32":
+                raise UsageError("--weights int8 is for generation models; embeddings stay fp32")
             args.batch_size = 1 if args.batch_size is None else args.batch_size
             _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
                                                   args.max_parallel_compilations)
         else:
             from .build.decoder_checkpoint import check_decoder
 
-            check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context)
+            check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context,
+                          args.weights)
     else:
         check_shards(args.shards)
     if args.command in ("archive", "build"):
@@ -147,9 +153,9 @@ def _run(args) -> None:
             from .build.decoder_checkpoint import trace_decoder
 
             info = trace_decoder(args.model, args.config, args.tp_degree, args.output, args.buckets, args.batch_size,
-                                 args.max_context, args.max_parallel_compilations).model
+                                 args.max_context, args.max_parallel_compilations, args.weights).model
             what = (f"prompt buckets={info['prefill_buckets']} context buckets={info['context_buckets']} "
-                    f"batch={info['decoder']['max_batch']}")
+                    f"batch={info['decoder']['max_batch']} weights={info['decoder']['weights']}")
         print(f"traced {args.model} tp={args.tp_degree} {what} into {args.output} in {time.time() - started:.1f}s")
         shards = args.output
     if args.command in ("archive", "build"):

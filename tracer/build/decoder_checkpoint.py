@@ -26,10 +26,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 DEFAULT_BATCH = 4
 DEFAULT_MAX_CONTEXT = 1024
+WEIGHTS = ("fp32", "int8")  # int8: weight-only, one scale per output feature (tracer/parallel_layers/layers.py)
 
 
 def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[int] | None, batch_size: int | None,
-                  max_context: int | None) -> tuple[DecoderConfig, list[int], list[int]]:
+                  max_context: int | None, weights: str = "fp32") -> tuple[DecoderConfig, list[int], list[int]]:
     """(decoder config, prefill buckets, context buckets), or UsageError."""
     if not (model_dir / "model.safetensors").is_file():
         raise UsageError(f"{model_dir}: no model.safetensors (decoders are read from one safetensors file)")
@@ -43,8 +44,10 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if weights not in WEIGHTS:
+        raise UsageError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     try:
-        decoder = DecoderConfig.from_hf(config, max_batch=batch_size, max_context=max_context)
+        decoder = DecoderConfig.from_hf(config, max_batch=batch_size, max_context=max_context, weights=weights)
     except KeyError as exc:
         raise UsageError(f"{model_dir}/config.json: missing {exc}") from None
     for name, size in (("intermediate_size", decoder.intermediate_size), ("vocab_size", decoder.vocab_size)):
@@ -72,10 +75,11 @@ def _eos_ids(model_dir: Path, config: dict) -> list[int]:
 
 def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, prefill: list[int] | None = None,
                   batch_size: int | None = None, max_context: int | None = None,
-                  max_parallel_compilations: int | None = None) -> artifacts.Manifest:
+                  max_parallel_compilations: int | None = None, weights: str = "fp32") -> artifacts.Manifest:
     model_dir, output = Path(model_dir), Path(output)
-    decoder, prefill, contexts = check_decoder(model_dir, config, tp_degree, prefill, batch_size, max_context)
-    runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context}
+    decoder, prefill, contexts = check_decoder(model_dir, config, tp_degree, prefill, batch_size, max_context,
+                                               weights)
+    runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context, "weights": decoder.weights}
     b, zeros = decoder.max_batch, functools.partial(torch.zeros, dtype=torch.long)
     # inputs: token ids, positions, cache slots, index of each row's last token
     examples = [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1]))  # one prompt per call

@@ -143,6 +143,21 @@ class Generator:
                 results[row.index] = self._completion(row)
         return results
 
+    def teacher_forced(self, prompt: list[int], tokens: list[int]) -> tuple[list[int], list[float]]:
+        """Feed `tokens` after `prompt` one at a time (teacher forcing) and return, for each of them,
+        the model's top-1 prediction and the log-probability it gave that token (quality checks:
+        top-1 agreement and perplexity between weight formats)."""
+        self.check(prompt, SamplingParams(max_new_tokens=max(1, len(tokens))))
+        row = _Row(0, prompt, SamplingParams(), 0, self._sampler(0))
+        logits = self._prefill(row)
+        top1, logprobs = [], []
+        for token in tokens:
+            top1.append(int(logits.argmax()))
+            logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+            row.generated.append(token)
+            logits = self._step([row])[0]
+        return top1, logprobs
+
     @staticmethod
     def _sampler(seed: int | None) -> torch.Generator:
         return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))

@@ -48,6 +48,7 @@ class DecoderConfig:
     tie_word_embeddings: bool
     max_batch: int = 4          # rows of one generation step; the cache has one more (scratch) row
     max_context: int = 1024     # positions per cache row
+    weights: str = "fp32"       # or "int8": linear layers and LM head weight-only int8, per-row scales
 
     @classmethod
     def from_hf(cls, hf: dict, **runtime) -> DecoderConfig:
@@ -214,5 +215,9 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     model = Decoder(config, inv_freq, scaling, context)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
+    if config.weights == "int8":  # every linear layer and the LM head; the embedding stays fp32
+        for module in model.modules():
+            if hasattr(module, "quantize_int8"):
+                module.quantize_int8()
     model.eval()
     return model, {cache: 1 + i for i, cache in enumerate(model.caches())}

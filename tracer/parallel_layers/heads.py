@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime import collectives, native_ops
-from .layers import _check_shape, _ParallelLayer, copy_slice
+from ..runtime import collectives
+from .layers import _check_shape, _LinearLayer, copy_slice
 
 
 class HeadLayout:
@@ -50,7 +50,7 @@ def _heads_slice(param: torch.Tensor, source, dim: int, first: int, count: int, 
         copy_slice(param.narrow(dim, 0, real * head_dim), source, dim, first * head_dim, real * head_dim)
 
 
-class HeadColumnParallelLinear(_ParallelLayer):
+class HeadColumnParallelLinear(_LinearLayer):
     """q/k/v projection: this rank's output rows are `count` heads from `first` (of `total`, zero
     padded past it). No gather: attention runs on the local heads."""
 
@@ -70,10 +70,10 @@ class HeadColumnParallelLinear(_ParallelLayer):
         _heads_slice(param, source, 0, self.first, self.count, self.total, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return native_ops.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
-class HeadRowParallelLinear(_ParallelLayer):
+class HeadRowParallelLinear(_LinearLayer):
     """o_proj: this rank's input columns are its query heads (padding heads: zero columns); the
     partial sums are all-reduced and the bias added once."""
 
@@ -92,7 +92,7 @@ class HeadRowParallelLinear(_ParallelLayer):
         _heads_slice(param, source, 1, self.first, self.count, self.total, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native_ops.linear(x, self.weight)
+        y = self._matmul(x)
         if self.tp_size > 1:
             y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
         return y + self.bias if self.bias is not None else y

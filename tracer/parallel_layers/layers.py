@@ -58,7 +58,28 @@ class _ParallelLayer(nn.Module):
         copy_slice(param, source)
 
 
-class _ParallelLinear(_ParallelLayer):
+class _LinearLayer(_ParallelLayer):
+    """A layer that multiplies by its rank's weight matrix (fp32, or int8 once quantized)."""
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) with this rank's weight: fp32, or int8 after quantize_int8()."""
+        if hasattr(self, "qweight"):
+            return native_ops.linear_int8(x, self.qweight, self.scale, bias)
+        return native_ops.linear(x, self.weight, bias)
+
+    def quantize_int8(self) -> None:
+        """Weight-only int8 with one fp32 scale per output feature (row): absmax / 127, rounded.
+        Call after the checkpoint is loaded; the fp32 weight is dropped. Each rank quantizes its own
+        rows (a row's scale depends on that row alone, so shards and scales split together)."""
+        weight = self.weight.detach()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        qweight = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        del self.weight
+        self.qweight = nn.Parameter(qweight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+
+
+class _ParallelLinear(_LinearLayer):
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (until a checkpoint is loaded)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -85,7 +106,7 @@ class ColumnParallelLinear(_ParallelLinear):
         copy_slice(param, source, 0, start, self.local_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native_ops.linear(x, self.weight, self.bias)
+        y = self._matmul(x, self.bias)
         if self.gather_output and self.tp_size > 1:
             y = collectives.all_gather(y, y.dim() - 1, self.tp_rank, self.tp_size)
         return y
@@ -114,7 +135,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel and self.tp_size > 1:
             start = self.tp_rank * self.local_in
             x = x[..., start:start + self.local_in]
-        y = native_ops.linear(x, self.weight)
+        y = self._matmul(x)
         if self.tp_size > 1:
             y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
         return y + self.bias if self.bias is not None else y

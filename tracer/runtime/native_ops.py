@@ -1,4 +1,4 @@
-"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives and the few-row linear) as one
+"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 and int8 linear) as one
 library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
@@ -70,3 +70,10 @@ def ops():
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear that streams the weights once when x has at most 8 rows (csrc/linear.cpp)."""
     return ops().linear(x, weight, bias)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (qweight * scale[:, None])^T + bias: int8 weights with one fp32 scale per output feature,
+    streamed once when x has at most 8 rows, dequantized for a GEMM otherwise (csrc/linear.cpp)."""
+    return ops().linear_int8(x, qweight, scale, bias)
