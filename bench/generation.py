@@ -2,7 +2,8 @@
 1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 (fp32) and tp 1 / 2 with int8
 weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() in the same run and
 the memory-bandwidth limit (weight bytes read per token ÷ this machine's measured copy bandwidth);
-then the int8 model's quality next to fp32 (teacher-forced top-1 agreement, perplexity).
+then each model's quality next to Hugging Face fp32 (teacher-forced on a fixed text: top-1 agreement,
+perplexity).
 
     .venv/bin/python -m bench.generation
 """
@@ -30,6 +31,7 @@ from serving import start_server  # noqa: E402
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]  # 37 tokens with the chat template
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 NEW_TOKENS = 64
+QUALITY_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "quality_text.txt"  # ~350 tokens
 REPEATS = 5
 
 
@@ -45,17 +47,16 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
-def hf_reference(directory: Path, story: list[int]) -> tuple[list[int], float]:
-    """Hugging Face's fp32 greedy continuation of the story (NEW_TOKENS) and its perplexity on it."""
+def hf_reference(directory: Path, tokens: list[int]) -> tuple[list[int], float]:
+    """Teacher-forced Hugging Face fp32 on a fixed text: its top-1 prediction for each token after the
+    first, and its perplexity on them."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
     with torch.no_grad():
-        tokens = model.generate(torch.tensor([story]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                do_sample=False)[0, len(story):].tolist()
-        logits = model(torch.tensor([story + tokens])).logits[0, len(story) - 1:-1]
-    logprobs = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
-    return tokens, math.exp(-logprobs.mean().item())
+        logits = model(torch.tensor([tokens])).logits[0, :-1]
+    logprobs = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+    return logits.argmax(-1).tolist(), math.exp(-logprobs.mean().item())
 
 
 def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float]:
@@ -100,9 +101,10 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
     trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4, weights=weights)
     generator = Generator(shards)
     generator.warm_up()
-    if quality is not None:  # teacher-forced on Hugging Face's fp32 greedy continuation of the story
-        top1, logprobs = generator.teacher_forced(story, quality["tokens"])
-        quality["agreement"] = sum(a == b for a, b in zip(top1, quality["tokens"], strict=True)) / len(top1)
+    if quality is not None:  # teacher-forced on the fixed text, next to Hugging Face fp32's predictions
+        text = quality["tokens"]
+        top1, logprobs = generator.teacher_forced(text[:1], text[1:])
+        quality["agreement"] = sum(a == b for a, b in zip(top1, quality["hf_top1"], strict=True)) / len(top1)
         quality["perplexity"] = math.exp(-sum(logprobs) / len(logprobs))
     one = [timed_generate(generator, [question], 1)[0] for _ in range(REPEATS)]
     per_token = [timed_generate(generator, [story], NEW_TOKENS)[1] for _ in range(3)]
@@ -160,11 +162,12 @@ def main() -> None:
                          or k == "model.embed_tokens.weight")
     hf_first, hf_token = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
-    reference, hf_perplexity = hf_reference(directory, story)
+    text = list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
+    hf_top1, hf_perplexity = hf_reference(directory, text)
     results, quality = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for tp, weights in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "int8"), (2, "int8")):
-            quality[tp, weights] = {"tokens": reference}
+            quality[tp, weights] = {"tokens": text, "hf_top1": hf_top1}
             results[tp, weights] = in_process_rows(directory, question, story, tp, Path(tmp), weights,
                                                    quality[tp, weights])
             first, token, token4, rate4, rate1 = results[tp, weights]
@@ -183,8 +186,8 @@ def main() -> None:
     print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",
                  "tokens/s 4 streams / 1 stream", "per token ÷ HF"], rows))
     print(f"served − in-process first token (tp=1): {served - results[1, 'fp32'][0]:.1f} ms")
-    print(f"quality, teacher-forced on Hugging Face's fp32 greedy {NEW_TOKENS} tokens of the story "
-          f"(HF fp32 perplexity {hf_perplexity:.3f}):")
+    print(f"quality, teacher-forced on tests/data/quality_text.txt ({len(text)} tokens; HF fp32 perplexity "
+          f"{hf_perplexity:.3f}):")
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
                 [[f"tp={tp} {weights}", f"{q['agreement']:.1%}", f"{q['perplexity']:.3f}",
                   f"{q['perplexity'] / hf_perplexity:.4f}"] for (tp, weights), q in quality.items()]))

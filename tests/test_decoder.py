@@ -177,15 +177,17 @@ def test_smollm2_greedy_equals_hf_generate(smollm2, smollm2_story, tmp_path, tp)
         generator.close()
 
 
-def test_smollm2_int8_weights_answer_right_and_agree_with_fp32(smollm2, smollm2_story, tmp_path):
-    """--weights int8 at tp 2 (each rank quantizes its own rows; scales shard with them): a quarter
-    of the linear bytes on disk, the capital of France still right, and teacher-forced on Hugging
-    Face's fp32 greedy story, top-1 agreement >= 95 % and perplexity within 2 % of fp32's."""
+def test_smollm2_int8_weights_answer_right_and_agree_with_fp32(smollm2, tmp_path):
+    """--weights int8 at tp 2 (each rank quantizes its own rows; scales shard with them): int8 on
+    disk, the capital of France still right, and teacher-forced on a fixed text
+    (tests/data/quality_text.txt), perplexity within 1 % of Hugging Face fp32's and top-1 agreement
+    with it >= 95 % (measured 96 %: natural text has many near-ties; the README has the numbers)."""
     import math
+    from pathlib import Path
 
-    directory, story, expected = smollm2[0], *smollm2_story
-    _, hf, _ = smollm2
-    shards = _trace(directory, tmp_path, 2, prefill=[64], max_context=160, batch_size=1, weights="int8")
+    directory, hf, tokenizer = smollm2
+    text = list(tokenizer((Path(__file__).parent / "data" / "quality_text.txt").read_text())["input_ids"])[:320]
+    shards = _trace(directory, tmp_path, 2, prefill=[64], max_context=384, batch_size=1, weights="int8")
     with safe_open(str(shards / "tp_0" / "weights.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["model.layers.0.mlp.down_proj.qweight"] == "I8" and dtypes["lm_head.qweight"] == "I8"
@@ -195,13 +197,14 @@ def test_smollm2_int8_weights_answer_right_and_agree_with_fp32(smollm2, smollm2_
         capital = generator.generate([generator.encode(messages=[
             {"role": "user", "content": "What is the capital of France?"}])])[0]
         assert "Paris" in capital.text
-        top1, logprobs = generator.teacher_forced(story, expected)
+        top1, logprobs = generator.teacher_forced(text[:1], text[1:])
     finally:
         generator.close()
     with torch.no_grad():
-        logits = hf(torch.tensor([story + expected])).logits[0, len(story) - 1:-1]
-    fp32_logprobs = torch.log_softmax(logits, -1)[torch.arange(len(expected)), torch.tensor(expected)]
-    agreement = sum(a == b for a, b in zip(top1, expected, strict=True)) / len(expected)
-    ppl_int8, ppl_fp32 = math.exp(-sum(logprobs) / len(logprobs)), math.exp(-fp32_logprobs.mean().item())
+        logits = hf(torch.tensor([text])).logits[0, :-1]
+    hf_logprobs = torch.log_softmax(logits, -1)[torch.arange(len(text) - 1), torch.tensor(text[1:])]
+    agreement = sum(a == b for a, b in zip(top1, logits.argmax(-1).tolist(), strict=True)) / len(top1)
+    ppl_int8, ppl_fp32 = math.exp(-sum(logprobs) / len(logprobs)), math.exp(-hf_logprobs.mean().item())
+    print(f"int8 tp=2: top-1 agreement {agreement:.4f}, perplexity {ppl_int8:.4f} vs fp32 {ppl_fp32:.4f}")
     assert agreement >= 0.95, agreement
-    assert abs(ppl_int8 / ppl_fp32 - 1) <= 0.02, (ppl_int8, ppl_fp32)
+    assert abs(ppl_int8 / ppl_fp32 - 1) <= 0.01, (ppl_int8, ppl_fp32)
