@@ -116,6 +116,18 @@ def model_ready(target: str = "127.0.0.1:7070", model: str = "minilm", timeout: 
             pb2.ModelReadyRequest(name=model), timeout=timeout).ready
 
 
+def model_metadata(target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 10) -> dict:
+    """ModelMetadata of the Open Inference Protocol: TorchServe's frontend answers it itself with the
+    model's name and registered versions (no tensor metadata)."""
+    import grpc
+
+    pb2, pb2_grpc = _stub_modules("open_inference_grpc")
+    with grpc.insecure_channel(target) as channel:
+        meta = pb2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    return {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.grpc_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -297,6 +297,8 @@ def test_open_inference_rest_bytes_in_fp32_out(served, encode):
 def test_open_inference_grpc_model_infer_ready_and_a_bad_request_fails_only_itself(served, encode):
     target = f"127.0.0.1:{served.ports['grpc']}"
     assert grpc_client.model_ready(target, "minilm")
+    assert grpc_client.model_metadata(target, "minilm")["name"] == "minilm"
+    assert grpc_client.model_metadata(target, "minilm")["versions"] == ["1.0"]
     texts = ["héllo wörld", MIXED[6]]
     assert_same(grpc_client.infer_v2(texts, target, "minilm"), encode(texts))
     with pytest.raises(grpc_client.PredictionError, match="text 0 is empty") as bad:
@@ -307,13 +309,18 @@ def test_open_inference_grpc_model_infer_ready_and_a_bad_request_fails_only_itse
     assert_same([r[0] for r in results], encode(MIXED[:4]))
 
 
-def test_rest_client_needs_neither_torchserve_nor_torch(served, encode):
+def test_clients_need_neither_torchserve_nor_torch(served, encode):
     script = ("import sys, json\nfrom handler.rest_client import Client\n"
               f"print(json.dumps(Client('http://127.0.0.1:{served.ports['inference']}').embed(['a', 'b c'])))\n"
-              "print(sorted(m for m in ('ts', 'torch', 'tracer', 'grpc') if m in sys.modules))\n")
+              "print(sorted(m for m in ('ts', 'torch', 'tracer', 'grpc') if m in sys.modules))\n"
+              "from handler import grpc_client\n"
+              f"print(json.dumps(grpc_client.infer_v2(['a'], '127.0.0.1:{served.ports['grpc']}')))\n"
+              "print(sorted(m for m in ('ts', 'torch') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert_same(json.loads(out[0]), encode(["a", "b c"]))
-    assert out[1] == "[]"
+    assert out[1] == "[]"  # the REST client: standard library only
+    assert_same(json.loads(out[2]), encode(["a"]))
+    assert out[3] == "[]"  # the gRPC client: grpcio, no TorchServe, no torch
     from handler.rest_client import Client, PredictionError
 
     with pytest.raises(PredictionError, match="empty text") as bad:
