@@ -193,7 +193,7 @@ def example_commands(inference: str, store: Path, entry: str) -> list[str]:
         return [f"curl -s -X POST {url} -H 'Content-Type: application/json' --data '{chat}}}'",
                 f"curl -sN -X POST {url} -H 'Content-Type: application/json' --data '{chat}, \"stream\": true}}'",
                 f"curl -sN {url}/1.0/v1/chat/completions -H 'Content-Type: application/json' "
-                f"--data '{chat}, \"model\": \"{name}\", \"stream\": true}}'   # OpenAI-compatible"]
+                f"--data '{chat}, \"model\": \"{name}\", \"temperature\": 0, \"stream\": true}}'   # OpenAI-compatible"]
     return [f"curl -s -X POST {url} -H 'Content-Type: text/plain' --data 'tensor parallel inference on CPU'",
             f"""curl -s -X POST {url} -H 'Content-Type: application/json' """
             """--data '{"inputs": ["first text", "second text"]}'""",
