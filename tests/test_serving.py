@@ -3,6 +3,7 @@
 import concurrent.futures
 import ipaddress
 import json
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -230,6 +231,21 @@ def test_openai_embeddings_base64_default_and_float_equal_encode(served, encode)
     by_ids = client.embeddings.create(model="minilm", input=[ids, ids[:3]], encoding_format="float")
     assert_same(by_ids.data[0].embedding, encode([texts[1]]))
     assert by_ids.usage.prompt_tokens == len(ids) + 3
+
+
+def test_openai_embeddings_with_curl(served, encode):
+    """The README's curl, as a user runs it."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    url = f"http://127.0.0.1:{served.ports['inference']}/predictions/minilm/1.0/v1/embeddings"
+    command = [curl, "-s", "-w", "\n%{http_code} %{content_type}", url, "-H", "Content-Type: application/json",
+               "--data", '{"model": "minilm", "input": ["first text", "second text"]}']
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    body, status = out.rsplit("\n", 1)
+    assert status == "200 application/json"
+    reply = json.loads(body)
+    assert_same([d["embedding"] for d in reply["data"]], encode(["first text", "second text"]))
 
 
 def test_openai_models_and_errors_in_openai_shape(served):
