@@ -26,7 +26,7 @@ from handler import openai_api
 from handler.generation_requests import GenerationRequest, answer, parse_generation
 from handler.openai_api import CHAT, COMPLETIONS, MODELS, NATIVE
 from handler.openai_generation import final_answer, parse_openai_generation, stream_event
-from handler.request_parsing import RequestError, error_answer, request_body
+from handler.request_parsing import RequestError, request_body
 from tracer.engine.generator import Generator
 from tracer.errors import ArtifactError, last_line
 
@@ -137,8 +137,8 @@ class GenerationHandler(BaseHandler):
                 answers.append(json.dumps(body) + ("\n" if request.stream else ""))
                 self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
             else:
-                fail = error_answer if request.route == NATIVE else openai_api.error_answer
-                answers.append(fail(self.context, idx, request.status, request.error))
+                answers.append(openai_api.route_error(self.context, idx, request.route, request.status,
+                                                      request.error))
         return answers
 
     def _openai_answer(self, idx: int, request: GenerationRequest) -> str:

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-from handler.request_parsing import RequestError, body_kind, check_unicode
+from handler.request_parsing import RequestError, body_kind, check_unicode, decode_json
 from tracer.engine.generator import Completion, Generator, SamplingParams
 from tracer.errors import GenerationRequestError
 
@@ -46,11 +45,7 @@ class GenerationRequest:
 def parse_generation(value, content_type: str, generator: Generator, default_max_new_tokens: int) -> GenerationRequest:
     if body_kind(content_type) != "json":
         raise RequestError(415, "generation takes JSON: send it with 'Content-Type: application/json'")
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = json.loads(bytes(value).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RequestError(400, "body is not valid JSON") from None
+    value = decode_json(value)
     if not isinstance(value, dict) or ("prompt" in value) == ("messages" in value):
         raise RequestError(400, 'expected JSON {"prompt": "text"} or {"messages": [{"role", "content"}, ...]}')
     if unknown := sorted(set(value) - KEYS):

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from dataclasses import dataclass
-from http import HTTPStatus
 
-from handler.request_parsing import RequestError, body_kind, check_unicode
+from handler.request_parsing import RequestError, body_kind, check_unicode, error_body, float32_json
 
 V2 = "v2"  # ParsedRequest.route of an Open Inference Protocol request
 
@@ -105,18 +105,17 @@ def model_version(context) -> str:
 
 
 def answer(request: V2Request, context, vectors: list[list[float]]) -> str:
-    flat = ",".join(",".join(map("%.9g".__mod__, vector)) for vector in vectors)  # float32: exact in 9 digits
+    flat = float32_json(itertools.chain.from_iterable(vectors))
     output = (f'{{"name":"embedding","datatype":"FP32","shape":[{len(vectors)},{len(vectors[0])}],'
-              f'"data":[{flat}]}}')
+              f'"data":{flat}}}')
     return (f'{{"id":{json.dumps(request.request_id)},"model_name":{json.dumps(context.model_name)},'
             f'"model_version":{json.dumps(model_version(context))},"outputs":[{output}]}}')
 
 
 def error_answer(context, idx: int, status: int, message: str, grpc: bool, request_id: str = "") -> str:
-    context.set_response_content_type(idx, "application/json")
     if not grpc:
-        context.set_response_status(status, HTTPStatus(status).phrase, idx=idx)
-        return json.dumps({"error": message})
+        return error_body(context, idx, status, {"error": message})
+    context.set_response_content_type(idx, "application/json")
     return json.dumps({"id": request_id, "model_name": context.model_name, "model_version": model_version(context),
                        "outputs": [{"name": "error", "datatype": "BYTES", "shape": [1],
                                     "data": [f"{status}: {message}"]}]})

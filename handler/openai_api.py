@@ -22,9 +22,16 @@ import base64
 import json
 import struct
 import time
-from http import HTTPStatus
 
-from handler.request_parsing import RequestError, body_kind, check_unicode
+from handler.request_parsing import (
+    RequestError,
+    body_kind,
+    check_unicode,
+    decode_json,
+    error_answer,
+    error_body,
+    float32_json,
+)
 
 NATIVE = ""
 EMBEDDINGS, COMPLETIONS, CHAT, MODELS = "v1/embeddings", "v1/completions", "v1/chat/completions", "v1/models"
@@ -44,11 +51,13 @@ def check_route(path: str, served: tuple[str, ...]) -> None:
         raise RequestError(404, f"unknown endpoint {path!r}; this model serves {', '.join(('v1/models', *served))}")
 
 
-def error_answer(context, idx: int, status: int, message: str) -> str:
-    context.set_response_status(status, HTTPStatus(status).phrase, idx=idx)
-    context.set_response_content_type(idx, "application/json")
+def route_error(context, idx: int, path: str, status: int, message: str) -> str:
+    """A request's error in its route's shape: native {"error", "status"}, or OpenAI's
+    {"error": {"message", "type", "code"}}."""
+    if path == NATIVE:
+        return error_answer(context, idx, status, message)
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return json.dumps({"error": {"message": message, "type": kind, "code": status}})
+    return error_body(context, idx, status, {"error": {"message": message, "type": kind, "code": status}})
 
 
 def models_answer(model_name: str, created: int) -> str:
@@ -60,13 +69,9 @@ def read_json(value, content_type: str) -> dict:
     """The JSON object of an OpenAI request body, or RequestError."""
     if body_kind(content_type) != "json":
         raise RequestError(415, "OpenAI routes take JSON: send it with 'Content-Type: application/json'")
-    if isinstance(value, (bytes, bytearray)):
-        if not value.strip():
-            raise RequestError(400, "empty body: POST a JSON object")
-        try:
-            value = json.loads(bytes(value).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RequestError(400, "body is not valid JSON") from None
+    if isinstance(value, (bytes, bytearray)) and not value.strip():
+        raise RequestError(400, "empty body: POST a JSON object")
+    value = decode_json(value)
     if not isinstance(value, dict):
         raise RequestError(400, "body must be a JSON object")
     model = value.get("model")
@@ -123,7 +128,7 @@ def embeddings_answer(model_name: str, vectors: list[list[float]], encoding: str
         if encoding == "base64":  # little-endian float32, as OpenAI sends (its client's default)
             embedding = json.dumps(base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii"))
         else:
-            embedding = "[" + ",".join(map("%.9g".__mod__, vector)) + "]"  # float32, exact in 9 digits
+            embedding = float32_json(vector)
         data.append(f'{{"object":"embedding","index":{index},"embedding":{embedding}}}')
     return (f'{{"object":"list","data":[{",".join(data)}],"model":{json.dumps(model_name)},'
             f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')

@@ -1,4 +1,5 @@
-"""Request bodies -> texts, with a 4xx-class RequestError for anything malformed.
+"""Request bodies -> texts, with a 4xx-class RequestError for anything malformed; and what every
+route's answer shares (error status and body, float32 vectors as JSON).
 
 What each Content-Type means (TorchServe passes the body through undecoded; see
 EmbeddingHandler.initialize):
@@ -72,12 +73,33 @@ def check_unicode(text: str, what: str) -> None:
         raise RequestError(400, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
 
 
-def error_answer(context, idx: int, status: int, message: str) -> str:
+def error_body(context, idx: int, status: int, body: dict) -> str:
     """Request `idx`'s error: the status with its standard reason phrase (TorchServe frames the
-    phrase by its length in characters, so only ASCII is safe there), the message in a JSON body."""
+    phrase by its length in characters, so only ASCII is safe there), `body` as JSON."""
     context.set_response_status(status, HTTPStatus(status).phrase, idx=idx)
     context.set_response_content_type(idx, "application/json")
-    return json.dumps({"error": message, "status": status})
+    return json.dumps(body)
+
+
+def error_answer(context, idx: int, status: int, message: str) -> str:
+    """A native route's error: {"error": message, "status": status}."""
+    return error_body(context, idx, status, {"error": message, "status": status})
+
+
+def decode_json(value):
+    """A JSON body (bytes or already decoded), or RequestError 400."""
+    if not isinstance(value, (bytes, bytearray)):
+        return value
+    try:
+        return json.loads(bytes(value).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError(400, "body is not valid JSON") from None
+
+
+def float32_json(values) -> str:
+    """float32 values as a JSON list. 9 significant digits round-trip any float32 exactly;
+    json.dumps would write the float64 repr (17 digits): 60 % more bytes, twice the time."""
+    return "[" + ",".join(map("%.9g".__mod__, values)) + "]"
 
 
 def body_kind(content_type: str) -> str:
