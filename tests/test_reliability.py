@@ -1,5 +1,6 @@
 """Reliability and security against a real TorchServe: soak, faults, hostile input, integrity."""
 
+import base64
 import concurrent.futures
 import functools
 import http.client
@@ -124,12 +125,16 @@ class _Batch:
         self.handler = EmbeddingHandler()
         self.handler.initialize(self.context)
 
-    def run(self, requests: list[tuple[str, bytes]]) -> list[tuple[int, object]]:
+    def run(self, requests: list[tuple]) -> list[tuple[int, object]]:
+        """requests: (Content-Type, body) or (Content-Type, body, more headers); Content-Type None:
+        no HTTP headers at all (what a gRPC ModelInfer request carries)."""
         from ts.context import RequestProcessor
 
-        self.context.request_processor = [RequestProcessor({"Content-Type": ct}) for ct, _ in requests]
+        self.context.request_processor = [
+            RequestProcessor({} if r[0] is None else {"Content-Type": r[0], **(r[2] if len(r) > 2 else {})})
+            for r in requests]
         self.context.metrics.request_ids = {i: f"r{i}" for i in range(len(requests))}
-        answers = self.handler.handle([{"body": bytearray(body)} for _, body in requests], self.context)
+        answers = self.handler.handle([{"body": bytearray(r[1])} for r in requests], self.context)
         assert len(answers) == len(requests)
         statuses = [self.context.get_response_status(i)[0] for i in range(len(requests))]
         return [(status, json.loads(answer)) for status, answer in zip(statuses, answers, strict=True)]
@@ -161,6 +166,50 @@ def test_fuzz_batches_a_hostile_request_fails_only_itself(batch_handler, good, h
             assert 400 <= status < 500 or status == 200, body  # a random body may well be a good text
             if status != 200:
                 assert body["status"] == status and body["error"]
+
+
+def _v2(texts: list[str], datatype: str = "BYTES", **more) -> bytes:
+    return json.dumps({**more, "inputs": [{"name": "text", "shape": [len(texts)], "datatype": datatype,
+                                           "data": texts}]}).encode()
+
+
+def test_every_protocol_in_one_batch_a_hostile_request_fails_only_itself(batch_handler):
+    """Native, OpenAI and KServe v2 (REST and gRPC) requests, good and hostile, shuffled into one
+    batch: every good one gets its right embedding in its protocol's shape, every hostile one its
+    own error in its protocol's shape."""
+    openai = {"url_path": "v1/embeddings"}
+    grpc_text = base64.b64encode(b"gRPC text").decode()
+    good = [  # (request, its texts, where its embeddings are in the answer)
+        (("text/plain", b"native text"), ["native text"], lambda b: [b]),
+        (("application/json", json.dumps({"input": ["openai text"], "encoding_format": "float"}).encode(), openai),
+         ["openai text"], lambda b: [d["embedding"] for d in b["data"]]),
+        (("application/json", _v2(["v2 text", "another"], id="r1")), ["v2 text", "another"],
+         lambda b: [b["outputs"][0]["data"][:384], b["outputs"][0]["data"][384:]]),
+        ((None, _v2([grpc_text], id="g1", model_name="minilm")), ["gRPC text"], lambda b: [b["outputs"][0]["data"]]),
+    ]
+    hostile = [  # (request, its status, a check of its error body)
+        (("application/json", json.dumps({"input": "x", "dimensions": 3}).encode(), openai), 400,
+         lambda b: b["error"]["type"] == "invalid_request_error"),
+        (("application/json", json.dumps({"input": [[101, 10**9]]}).encode(), openai), 400,
+         lambda b: "vocabulary" in b["error"]["message"]),
+        (("application/json", b'{"input": "x"}', {"url_path": "v1/nope"}), 404, lambda b: b["error"]["code"] == 404),
+        (("application/json", _v2(["1.0"], "FP32")), 400, lambda b: "BYTES" in b["error"]),
+        (("application/json", b'{"inputs": "a \\udfff b"}'), 400, lambda b: b["status"] == 400),
+        # gRPC: TorchServe ignores the status, so the error is an output of a well-formed answer
+        ((None, _v2(["!!not base64"], id="g2", model_name="minilm")), 200,
+         lambda b: b["id"] == "g2" and b["outputs"][0]["name"] == "error"),
+    ]
+    cases = [("good", *g) for g in good] + [("hostile", *h) for h in hostile]
+    random.Random(7).shuffle(cases)
+    answers = batch_handler.run([case[1] for case in cases])
+    for (kind, _, a, b), (status, body) in zip(cases, answers, strict=True):
+        if kind == "good":
+            texts, embeddings = a, b
+            assert status == 200, body
+            got, want = torch.tensor(embeddings(body)), torch.tensor(batch_handler.handler.embedder.embed(texts))
+            assert (got - want).abs().max() <= 1e-4
+        else:
+            assert status == a and b(body), body
 
 
 def test_live_server_batch_of_8_one_hostile_client_fails_no_good_request(served, store):
