@@ -125,6 +125,33 @@ def test_a_hostile_request_in_a_batch_fails_only_itself(llm):
     assert len(good) == 4 and len({json.dumps(b["token_ids"]) for b in good}) == 1
 
 
+def test_hostile_openai_requests_next_to_good_ones_fail_only_themselves(llm):
+    """OpenAI and native requests, good and hostile, sent at once (they share batches)."""
+    url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/smollm2/1.0/v1/completions"
+
+    def post_openai(body):
+        request = urllib.request.Request(url, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    good = {"prompt": "Name a color.", "max_tokens": 8, "temperature": 0}
+    hostile = [{"prompt": "Name a color.", "n": 3}, b"{not json", {"prompt": "\ud800"}, {"prompt": "x", "top_p": 2}]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        good_answers = [pool.submit(post_openai, good) for _ in range(3)]
+        native = pool.submit(_post, llm, {"prompt": "Name a color.", "max_new_tokens": 8})
+        bad_answers = [pool.submit(post_openai, body) for body in hostile]
+        texts = {answer.result()[1]["choices"][0]["text"] for answer in good_answers}
+        assert all(answer.result()[0] == 200 for answer in good_answers) and len(texts) == 1
+        assert native.result()[0] == 200 and native.result()[2]["text"] == texts.pop()
+        for answer in bad_answers:
+            status, body = answer.result()
+            assert status == 400 and set(body["error"]) == {"message", "type", "code"}, body
+
+
 # ---- OpenAI-compatible routes, with the official client ------------------------------------------
 def _openai(server):
     import openai
