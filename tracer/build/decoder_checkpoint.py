@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -19,8 +18,7 @@ from .. import artifacts
 from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, half_steps, powers_of_two
 from ..errors import UsageError
 from ..models.llama import ARCHITECTURES, DecoderConfig, load_decoder
-from ..trace import parallel_model_save, parallel_model_trace
-from .model_source import copy_tokenizer
+from .shards import trace_into_shards
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -86,24 +84,14 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
                 for n in prefill]
     examples += [(zeros(b, 1), zeros(b, 1), torch.arange(b), zeros(b)) for _ in contexts]  # one token per row
     kwargs = [{"runtime": runtime, "context": n} for n in prefill + contexts]
-    started = time.time()
-    model = parallel_model_trace(
-        functools.partial(load_decoder, model_dir), examples, tp_degree=tp_degree, inline_weights_to_neff=False,
-        bucket_config=BucketModelConfig(decoder_bucket_kernel(prefill, contexts), func_kwargs=kwargs),
-        max_parallel_compilations=max_parallel_compilations)
-    parallel_model_save(model, output)
-    manifest = model.manifest
-    model.close()
-    copy_tokenizer(model_dir, output, manifest, TOKENIZER_FILES)
-    manifest.model = {
-        "kind": "generation",
-        "architecture": ARCHITECTURES[config["model_type"]],
-        "decoder": vars(decoder),
-        "prefill_buckets": prefill,
-        "context_buckets": contexts,
-        "eos_token_ids": _eos_ids(model_dir, config),
-        "source": str(model_dir),
-        "trace_seconds": round(time.time() - started, 2),
-    }
-    manifest.write(output)
-    return manifest
+    return trace_into_shards(
+        functools.partial(load_decoder, model_dir), examples,
+        BucketModelConfig(decoder_bucket_kernel(prefill, contexts), func_kwargs=kwargs), tp_degree,
+        max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
+            "kind": "generation",
+            "architecture": ARCHITECTURES[config["model_type"]],
+            "decoder": vars(decoder),
+            "prefill_buckets": prefill,
+            "context_buckets": contexts,
+            "eos_token_ids": _eos_ids(model_dir, config),
+        })

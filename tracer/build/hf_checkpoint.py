@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ from ..bucketing import BucketModelConfig, check_buckets, powers_of_two, sequenc
 from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
-from ..trace import parallel_model_save, parallel_model_trace
-from .model_source import copy_tokenizer, read_config
+from .model_source import read_config
+from .shards import trace_into_shards
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -109,22 +108,11 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
         func = functools.partial(load_bert, model_dir)
     examples = [(torch.ones(batch_size, n, dtype=torch.long), torch.ones(batch_size, n, dtype=torch.long))
                 for n in buckets]
-    started = time.time()
-    model = parallel_model_trace(func, examples, tp_degree=tp_degree, inline_weights_to_neff=False,
-                                 bucket_config=BucketModelConfig(sequence_length_bucket_kernel(buckets)),
-                                 max_parallel_compilations=max_parallel_compilations)
-    parallel_model_save(model, output)
-    manifest = model.manifest
-    model.close()
-    copy_tokenizer(model_dir, output, manifest, TOKENIZER_FILES)
-    manifest.model = {
-        "kind": "embedding",
-        "output": "sentence_embedding" if sentence else "last_hidden_state",
-        "sentence_transformers": sentence,
-        "max_seq_length": max_tokens,
-        "hidden_size": config["hidden_size"],
-        "source": str(model_dir),
-        "trace_seconds": round(time.time() - started, 2),
-    }
-    manifest.write(output)  # last, covering the tokenizer too
-    return manifest
+    return trace_into_shards(func, examples, BucketModelConfig(sequence_length_bucket_kernel(buckets)), tp_degree,
+                             max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
+                                 "kind": "embedding",
+                                 "output": "sentence_embedding" if sentence else "last_hidden_state",
+                                 "sentence_transformers": sentence,
+                                 "max_seq_length": max_tokens,
+                                 "hidden_size": config["hidden_size"],
+                             })

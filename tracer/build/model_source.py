@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import UsageError
@@ -65,16 +64,3 @@ def read_config(model_dir: Path) -> dict:
 
 def model_kind(config: dict) -> str:
     return FAMILIES[config["model_type"]]
-
-
-def copy_tokenizer(model_dir: Path, output: Path, manifest, names: tuple[str, ...]) -> None:
-    """The checkpoint's tokenizer files (those of `names` it has) into output/tokenizer/, covered
-    by the manifest (the caller writes it)."""
-    from .. import artifacts
-
-    present = [name for name in names if (model_dir / name).is_file()]
-    if present:
-        (output / artifacts.TOKENIZER_DIR).mkdir(exist_ok=True)
-    for name in present:
-        shutil.copyfile(model_dir / name, output / artifacts.TOKENIZER_DIR / name)
-    manifest.add_files(output, [f"{artifacts.TOKENIZER_DIR}/{name}" for name in present])
