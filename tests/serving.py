@@ -79,6 +79,13 @@ class Server:
         except ValueError:
             return status, headers, raw.decode(errors="replace")
 
+    def openai(self, timeout: float = 120):
+        """The official openai client on this model's OpenAI-compatible routes (no retries)."""
+        import openai
+
+        base_url = f"http://127.0.0.1:{self.ports['inference']}/predictions/{self.model}/1.0/v1"
+        return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout)
+
     def our_processes(self) -> list[psutil.Process]:
         frontend = psutil.Process(self.process.pid)
         return [frontend, *frontend.children(recursive=True)]

@@ -153,15 +153,8 @@ def test_hostile_openai_requests_next_to_good_ones_fail_only_themselves(llm):
 
 
 # ---- OpenAI-compatible routes, with the official client ------------------------------------------
-def _openai(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.ports['inference']}/predictions/{server.model}/1.0/v1",
-                         api_key="unused", max_retries=0, timeout=120)
-
-
 def test_openai_chat_completion_equals_the_native_route(llm, in_process):
-    reply = _openai(llm).chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0)
+    reply = llm.openai().chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0)
     assert reply.object == "chat.completion" and reply.model == "smollm2" and reply.id.startswith("chatcmpl-")
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == "The capital of France is Paris."
@@ -172,7 +165,7 @@ def test_openai_chat_completion_equals_the_native_route(llm, in_process):
 
 
 def test_openai_streamed_chat_is_server_sent_events_ending_in_done(llm):
-    client = _openai(llm)
+    client = llm.openai()
     whole = client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0)
     chunks = list(client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -194,7 +187,7 @@ def test_openai_streamed_chat_is_server_sent_events_ending_in_done(llm):
 
 def test_openai_completion_equals_the_native_route(llm):
     _, _, native = _post(llm, {"prompt": "The three primary colors are", "max_new_tokens": 12})
-    reply = _openai(llm).completions.create(model="smollm2", prompt="The three primary colors are", max_tokens=12,
+    reply = llm.openai().completions.create(model="smollm2", prompt="The three primary colors are", max_tokens=12,
                                             temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text == native["text"]
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 12
@@ -203,7 +196,7 @@ def test_openai_completion_equals_the_native_route(llm):
 def test_openai_models_and_errors_in_openai_shape(llm):
     import openai
 
-    client = _openai(llm)
+    client = llm.openai()
     assert [m.id for m in client.models.list().data] == ["smollm2"]
     with pytest.raises(openai.BadRequestError, match="not supported by this server"):
         client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], n=2)

@@ -206,17 +206,10 @@ def test_metrics_in_prometheus_format_count_texts_and_keep_every_observation(ser
 
 
 # ---- OpenAI-compatible routes, with the official client ------------------------------------------
-def _openai(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.ports['inference']}/predictions/{server.model}/1.0/v1",
-                         api_key="unused", max_retries=0, timeout=60)
-
-
 def test_openai_embeddings_base64_default_and_float_equal_encode(served, encode):
     from tokenizers import Tokenizer
 
-    client = _openai(served)
+    client = served.openai(timeout=60)
     texts = MIXED[:5]
     reply = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64 and decodes it
     assert reply.object == "list" and reply.model == "minilm" and [d.index for d in reply.data] == list(range(5))
@@ -251,7 +244,7 @@ def test_openai_embeddings_with_curl(served, encode):
 def test_openai_models_and_errors_in_openai_shape(served):
     import openai
 
-    client = _openai(served)
+    client = served.openai(timeout=60)
     assert [m.id for m in client.models.list().data] == ["minilm"]
     with pytest.raises(openai.BadRequestError, match="384 dimensions"):
         client.embeddings.create(model="minilm", input="x", dimensions=128)
@@ -271,7 +264,7 @@ def test_openai_models_and_errors_in_openai_shape(served):
 
 
 def test_openai_and_native_requests_in_one_batch_each_get_their_own_shape(served, encode):
-    client = _openai(served)
+    client = served.openai(timeout=60)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         openai_replies = [pool.submit(client.embeddings.create, model="minilm", input=[t], encoding_format="float")
                           for t in MIXED[:4]]
