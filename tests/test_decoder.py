@@ -101,7 +101,7 @@ def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(r
         with safe_open(str(shards / "tp_0" / "weights.safetensors"), "pt") as weights:
             assert not set(caches) & set(weights.keys())  # memory at load, not bytes on disk
         graphs = generator.model.rank_modules(1)
-        assert len(graphs) == 2 + 1  # prefill 16 and 64, context 128
+        assert len(graphs) == 2 + 2  # prefill 16 and 64; context 128 for 1 row and for the batch of 2
         layer = [getattr(g.model.layers, "0").self_attn for g in graphs]
         assert len({a.cache_k.data_ptr() for a in layer}) == 1 and len({a.cache_v.data_ptr() for a in layer}) == 1
         before = layer[0].cache_k.clone()

@@ -95,24 +95,29 @@ class DecoderBucketKernel(nn.Module):
     """Buckets of a decoder (tracer/models/llama.py), inputs [input_ids, positions, slots, last]:
     several tokens per row (prefill) take the smallest prefill bucket >= their count, padded on the
     right with token 0 at the next positions (written to the cache past the prompt, never attended,
-    overwritten as generation reaches them); one token per row (generation) takes the smallest
-    context bucket that holds every row's position. Bucket index: prefill buckets first, then contexts."""
+    overwritten as generation reaches them); one token per row (generation) takes the graph of its
+    row count (one of `rows`) and the smallest context bucket that holds every row's position.
+    Bucket index: prefill buckets first, then the contexts of rows[0], of rows[1], ..."""
 
     prefill: List[int]  # noqa: UP006
     contexts: List[int]  # noqa: UP006
+    rows: List[int]  # noqa: UP006
 
-    def __init__(self, prefill: Sequence[int], contexts: Sequence[int]) -> None:
+    def __init__(self, prefill: Sequence[int], contexts: Sequence[int], rows: Sequence[int]) -> None:
         super().__init__()
-        self.prefill, self.contexts = check_buckets(prefill), check_buckets(contexts)
+        self.prefill, self.contexts, self.rows = check_buckets(prefill), check_buckets(contexts), check_buckets(rows)
 
     def forward(self, inputs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:  # noqa: UP006
         ids, positions = inputs[0], inputs[1]
         length = ids.size(1)
         if length == 1:
+            if ids.size(0) not in self.rows:
+                raise ValueError(f"a generation step has {ids.size(0)} rows; the graphs have {self.rows}")
+            first = len(self.prefill) + self.rows.index(ids.size(0)) * len(self.contexts)
             needed = int(positions.max()) + 1
             for index, context in enumerate(self.contexts):
                 if needed <= context:
-                    return inputs, torch.tensor([len(self.prefill) + index])
+                    return inputs, torch.tensor([first + index])
             raise ValueError(f"position {needed - 1} is past the largest context bucket {self.contexts[-1]}")
         for index, bucket in enumerate(self.prefill):
             if length <= bucket:
@@ -123,11 +128,12 @@ class DecoderBucketKernel(nn.Module):
         raise ValueError(f"{length} tokens exceed the largest prefill bucket {self.prefill[-1]}")
 
 
-def decoder_bucket_kernel(prefill: Sequence[int], contexts: Sequence[int]) -> Callable[..., torch.jit.ScriptModule]:
+def decoder_bucket_kernel(prefill: Sequence[int], contexts: Sequence[int],
+                          rows: Sequence[int]) -> Callable[..., torch.jit.ScriptModule]:
     """A `bucket_kernel` factory for a decoder's prefill and generation graphs."""
-    DecoderBucketKernel(prefill, contexts)
+    DecoderBucketKernel(prefill, contexts, rows)
 
     def factory(*_: Any) -> torch.jit.ScriptModule:
-        return torch.jit.script(DecoderBucketKernel(prefill, contexts))
+        return torch.jit.script(DecoderBucketKernel(prefill, contexts, rows))
 
     return factory

@@ -63,6 +63,12 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
     return decoder, prefill, contexts
 
 
+def generation_rows(max_batch: int) -> list[int]:
+    """Row counts of the generation graphs: a lone row runs a one-row graph (a single stream does
+    not pay for the batch's idle rows), more run the full batch graph."""
+    return sorted({1, max_batch})
+
+
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
     eos = config.get("eos_token_id")
     generation = model_dir / "generation_config.json"
@@ -78,20 +84,22 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
     decoder, prefill, contexts = check_decoder(model_dir, config, tp_degree, prefill, batch_size, max_context,
                                                weights)
     runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context, "weights": decoder.weights}
-    b, zeros = decoder.max_batch, functools.partial(torch.zeros, dtype=torch.long)
+    zeros = functools.partial(torch.zeros, dtype=torch.long)
     # inputs: token ids, positions, cache slots, index of each row's last token
     examples = [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1]))  # one prompt per call
                 for n in prefill]
-    examples += [(zeros(b, 1), zeros(b, 1), torch.arange(b), zeros(b)) for _ in contexts]  # one token per row
-    kwargs = [{"runtime": runtime, "context": n} for n in prefill + contexts]
+    rows = generation_rows(decoder.max_batch)
+    examples += [(zeros(r, 1), zeros(r, 1), torch.arange(r), zeros(r)) for r in rows for _ in contexts]  # 1 token/row
+    kwargs = [{"runtime": runtime, "context": n} for n in prefill + contexts * len(rows)]
     return trace_into_shards(
         functools.partial(load_decoder, model_dir), examples,
-        BucketModelConfig(decoder_bucket_kernel(prefill, contexts), func_kwargs=kwargs), tp_degree,
+        BucketModelConfig(decoder_bucket_kernel(prefill, contexts, rows), func_kwargs=kwargs), tp_degree,
         max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
             "kind": "generation",
             "architecture": ARCHITECTURES[config["model_type"]],
             "decoder": vars(decoder),
             "prefill_buckets": prefill,
             "context_buckets": contexts,
+            "generation_rows": rows,
             "eos_token_ids": _eos_ids(model_dir, config),
         })

@@ -77,6 +77,7 @@ class Generator:
         self.max_context = info["decoder"]["max_context"]
         self.prefill_buckets = info["prefill_buckets"]
         self.context_buckets = info["context_buckets"]
+        self.rows = info.get("generation_rows", [self.max_batch])  # row counts of the generation graphs
         self.eos = set(info.get("eos_token_ids") or [])
         self.scratch = self.max_batch  # the cache row idle rows write to
         self.tokenizer = None
@@ -88,14 +89,15 @@ class Generator:
     def warm_up(self) -> None:
         """The first runs of a traced graph are slow (TorchScript profiles them): run every graph
         twice, writing only to the scratch cache row."""
-        b, scratch = self.max_batch, torch.full((self.max_batch,), self.scratch, dtype=torch.long)
+        scratch = torch.full((self.max_batch,), self.scratch, dtype=torch.long)
         for _ in range(2):
             for n in self.prefill_buckets:
                 self.model(torch.zeros(1, n, dtype=torch.long), torch.arange(n).unsqueeze(0), scratch[:1],
                            torch.tensor([n - 1]))
-            for context in self.context_buckets:
-                self.model(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), context - 1), scratch,
-                           torch.zeros(b, dtype=torch.long))
+            for b in self.rows:
+                for context in self.context_buckets:
+                    self.model(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), context - 1), scratch[:b],
+                               torch.zeros(b, dtype=torch.long))
 
     # ---- text in, tokens out -------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -171,16 +173,18 @@ class Generator:
         return self.model(ids, positions, torch.tensor([row.slot]), torch.tensor([n - 1]))[0][0]
 
     def _step(self, rows: list[_Row], first: bool = False) -> list[torch.Tensor]:
-        b = self.max_batch
+        lone = len(rows) == 1 and 1 in self.rows  # the one-row graph: idle rows cost nothing
+        b = 1 if lone else self.max_batch
         ids = torch.zeros(b, 1, dtype=torch.long)
         positions = torch.zeros(b, 1, dtype=torch.long)
         slots = torch.full((b,), self.scratch, dtype=torch.long)
-        for row in rows:  # each row at its own slot: the graph reads cache row i for row i
-            ids[row.slot, 0] = row.prompt[0] if first else row.generated[-1]
-            positions[row.slot, 0] = len(row.prompt) + len(row.generated) - 1  # where that token sits
-            slots[row.slot] = row.slot
+        for row in rows:  # the full graph: each row at its own slot, the graph reads cache row i for row i
+            i = 0 if lone else row.slot
+            ids[i, 0] = row.prompt[0] if first else row.generated[-1]
+            positions[i, 0] = len(row.prompt) + len(row.generated) - 1  # where that token sits
+            slots[i] = row.slot
         logits = self.model(ids, positions, slots, torch.zeros(b, dtype=torch.long))[0]
-        return [logits[row.slot] for row in rows]
+        return [logits[0 if lone else row.slot] for row in rows]
 
     def _take(self, row: _Row, logits: torch.Tensor, on_token) -> None:
         token, appended = self._sample(logits, row), None

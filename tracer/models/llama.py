@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load, parallel_state
+from ..parallel_layers.layers import FusedLinear
 from ..parallel_layers.heads import HeadColumnParallelLinear, HeadLayout, HeadRowParallelLinear
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -119,26 +120,34 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
 
-    def forward(self, x, cos, sin, positions, slots):
+    def fuse(self) -> None:
+        """After loading: q, k and v as one projection."""
+        self.qkv_proj = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, positions, slots, mask):
         b, length, _ = x.shape
-        q = _rotate(self.q_proj(x).view(b, length, self.local_heads, self.head_dim), cos, sin)
-        k = _rotate(self.k_proj(x).view(b, length, self.local_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, length, self.local_kv, self.head_dim)
+        q, k, v = self.qkv_proj(x)
+        q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
+        k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
+        v = v.view(b, length, self.local_kv, self.head_dim)
         rows = slots.unsqueeze(1).expand(b, length)
         self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
         self.cache_v.index_put_((rows, positions), v)
-        # this graph's window of the cache rows. A generation step (one token for each of the batch's
-        # rows) reads row i's cache row i without a gather: the generator puts each row at its slot
-        # (idle rows write to the scratch row and their output is not used)
-        if length == 1 and b == self.max_batch:
+        # this graph's window of the cache rows, without a copy where the layout allows: one row (a
+        # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
+        # row i's cache row i, as the generator puts each row at its slot (idle rows write to the
+        # scratch row and their output is not used); anything else gathers its rows
+        if b == 1:
+            keys = self.cache_k.narrow(0, slots[0], 1)[:, : self.context]
+            values = self.cache_v.narrow(0, slots[0], 1)[:, : self.context]
+        elif length == 1 and b == self.max_batch:
             keys, values = self.cache_k[:b, : self.context], self.cache_v[:b, : self.context]
         else:
             keys = self.cache_k[:, : self.context].index_select(0, slots)
             values = self.cache_v[:, : self.context].index_select(0, slots)
         if not self.grouped:  # padded or overlapping heads: widen KV heads to the local query heads
             keys, values = keys.index_select(2, self.kv_index), values.index_select(2, self.kv_index)
-        key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
-        mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask, enable_gqa=self.grouped)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim))
@@ -151,8 +160,14 @@ class Mlp(nn.Module):
         self.up_proj = ColumnParallelLinear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, gather_output=False)
         self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, input_is_parallel=True)
 
+    def fuse(self) -> None:
+        """After loading: gate and up as one projection."""
+        self.gate_up_proj = FusedLinear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -163,8 +178,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, slots):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots)
+    def forward(self, x, cos, sin, positions, slots, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -182,6 +197,7 @@ class Decoder(nn.Module):
         self.lm_head = ColumnParallelLinear(c.hidden_size, c.vocab_size, bias=False, gather_output=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_scaling = attention_scaling
+        self.context = context
 
     def caches(self) -> list[torch.Tensor]:
         return [t for layer in self.model.layers for t in (layer.self_attn.cache_k, layer.self_attn.cache_v)]
@@ -192,8 +208,11 @@ class Decoder(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.attention_scaling).unsqueeze(2)  # [b, L, 1, head_dim]
         sin = (angles.sin() * self.attention_scaling).unsqueeze(2)
+        # causal by position, once for every layer: row i's token at p attends cache positions <= p
+        key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
+        mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, slots)
+            x = layer(x, cos, sin, positions, slots, mask)
         x = x[torch.arange(x.shape[0]), last]  # only the rows' last real tokens reach the LM head
         return (self.lm_head(self.model.norm(x)), *self.caches())
 
@@ -215,6 +234,9 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     model = Decoder(config, inv_freq, scaling, context)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
+    for layer in model.model.layers:  # loaded by Hugging Face's names, run fused
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
     if config.weights == "int8":  # every linear layer and the LM head; the embedding stays fp32
         for module in model.modules():
             if hasattr(module, "quantize_int8"):

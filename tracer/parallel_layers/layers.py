@@ -79,6 +79,25 @@ class _LinearLayer(_ParallelLayer):
         self.scale = nn.Parameter(scale, requires_grad=False)
 
 
+class FusedLinear(_LinearLayer):
+    """Column projections of the same input (q/k/v, gate/up), each already loaded with this rank's
+    rows, as one weight matrix: one read of the weights and one op instead of several. Returns
+    the projections' outputs, split."""
+
+    def __init__(self, parts: list[_LinearLayer]) -> None:
+        super().__init__()
+        self.sizes = [part.weight.shape[0] for part in parts]
+        self.weight = nn.Parameter(torch.cat([part.weight.detach() for part in parts]), requires_grad=False)
+        biases = [part.bias for part in parts]
+        self.bias = None
+        if any(b is not None for b in biases):  # a part without bias adds zeros
+            self.bias = nn.Parameter(torch.cat([b.detach() if b is not None else torch.zeros(n)
+                                                for b, n in zip(biases, self.sizes, strict=True)]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self._matmul(x, self.bias).split(self.sizes, dim=-1))
+
+
 class _ParallelLinear(_LinearLayer):
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (until a checkpoint is loaded)."""
