@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load, parallel_state
-from ..parallel_layers.layers import FusedLinear
 from ..parallel_layers.heads import HeadColumnParallelLinear, HeadLayout, HeadRowParallelLinear
+from ..parallel_layers.layers import FusedLinear
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
