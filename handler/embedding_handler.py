@@ -24,6 +24,8 @@ from handler import open_inference, openai_api
 from handler.open_inference import V2
 from handler.openai_api import EMBEDDINGS, MODELS, NATIVE
 from handler.request_parsing import ParsedRequest, RequestError, float32_json, parse_texts, request_body
+from handler.timings import Timings
+from handler.worker_threads import threads_per_rank
 from tracer.engine.embedder import Embedder
 from tracer.errors import ArtifactError, TextTooLongError, TokenIdError
 
@@ -43,52 +45,67 @@ class EmbeddingHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         try:
             self.embedder = Embedder(model_dir, tp_degree=settings.get("tp_degree"),
-                                     too_long=settings.get("too_long", "truncate"), executor=executor)
+                                     too_long=settings.get("too_long", "truncate"), executor=executor,
+                                     threads_per_rank=threads_per_rank(config))
         except ArtifactError as exc:  # tampered, incomplete or foreign artifacts: never serve them
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
         self.max_inputs = int(settings.get("max_inputs_per_request", 64))
         self.embedder.warm_up()
+        self.timings = Timings()
         self.created = openai_api.created_now()
-        logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s in %.1fs", self.embedder.model.tp_degree,
-                    self.embedder.buckets, self.embedder.batch_size, executor, time.time() - started)
+        logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s threads/rank=%d in %.1fs",
+                    self.embedder.model.tp_degree, self.embedder.buckets, self.embedder.batch_size, executor,
+                    threads_per_rank(config), time.time() - started)
         self.initialized = True
+
+    def handle(self, data, context):
+        self.timings.begin(len(data))
+        answers = super().handle(data, context)
+        self.timings.write(context)
+        return answers
 
     def preprocess(self, data) -> list[ParsedRequest]:
         requests = []
         for idx, row in enumerate(data):
-            request = ParsedRequest(route=openai_api.route(self.context, idx))
-            try:
-                openai_api.check_route(request.route, (EMBEDDINGS,))
-                value, content_type = request_body(self.context, idx, row)
-                if request.route == EMBEDDINGS:
-                    body = openai_api.read_json(value, content_type)
-                    inputs, request.encoding = openai_api.parse_embeddings(body, self.max_inputs,
-                                                                           self.embedder.dimension)
-                    request.as_list = True
-                    tokenize = self.embedder.token_ids if isinstance(inputs[0], str) else self.embedder.checked_ids
-                    request.ids, request.truncated = tokenize(inputs)
-                elif request.route == NATIVE:
-                    grpc = open_inference.from_grpc(self.context, idx)
-                    request.v2 = open_inference.parse_v2(value, content_type, grpc, self.max_inputs)
-                    if request.v2 is not None:  # KServe v2: REST /v2/models/NAME/infer or gRPC ModelInfer
-                        request.route, texts, request.as_list = V2, request.v2.texts, True
-                    else:
-                        texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
-                    request.ids, request.truncated = self.embedder.token_ids(texts)
-            except RequestError as exc:
-                if isinstance(exc, open_inference.V2RequestError):
-                    request.route, request.v2 = V2, exc.request
-                request.fail(exc.status, str(exc))
-            except TokenIdError as exc:
-                request.fail(400, str(exc))
-            except TextTooLongError as exc:
-                request.fail(413, str(exc))
-            except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
-                logger.warning("tpserve: request %d unreadable: %s: %s", idx, type(exc).__name__, exc)
-                request.fail(400, f"could not read the request ({type(exc).__name__})")
-            requests.append(request)
+            with self.timings.phase("preprocess", idx):
+                requests.append(self._parse(idx, row))
         return requests
+
+    def _parse(self, idx: int, row) -> ParsedRequest:
+        request = ParsedRequest(route=openai_api.route(self.context, idx))
+        try:
+            openai_api.check_route(request.route, (EMBEDDINGS,))
+            value, content_type = request_body(self.context, idx, row)
+            if request.route == EMBEDDINGS:
+                body = openai_api.read_json(value, content_type)
+                inputs, request.encoding = openai_api.parse_embeddings(body, self.max_inputs,
+                                                                       self.embedder.dimension)
+                request.as_list = True
+                tokenize = self.embedder.token_ids if isinstance(inputs[0], str) else self.embedder.checked_ids
+                with self.timings.phase("tokenize", idx):
+                    request.ids, request.truncated = tokenize(inputs)
+            elif request.route == NATIVE:
+                grpc = open_inference.from_grpc(self.context, idx)
+                request.v2 = open_inference.parse_v2(value, content_type, grpc, self.max_inputs)
+                if request.v2 is not None:  # KServe v2: REST /v2/models/NAME/infer or gRPC ModelInfer
+                    request.route, texts, request.as_list = V2, request.v2.texts, True
+                else:
+                    texts, request.as_list = parse_texts(value, content_type, self.max_inputs)
+                with self.timings.phase("tokenize", idx):
+                    request.ids, request.truncated = self.embedder.token_ids(texts)
+        except RequestError as exc:
+            if isinstance(exc, open_inference.V2RequestError):
+                request.route, request.v2 = V2, exc.request
+            request.fail(exc.status, str(exc))
+        except TokenIdError as exc:
+            request.fail(400, str(exc))
+        except TextTooLongError as exc:
+            request.fail(413, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
+            logger.warning("tpserve: request %d unreadable: %s: %s", idx, type(exc).__name__, exc)
+            request.fail(400, f"could not read the request ({type(exc).__name__})")
+        return request
 
     def _is_explain(self) -> bool:  # no explanations: a client's "explain" header changes nothing
         return False
@@ -96,7 +113,8 @@ class EmbeddingHandler(BaseHandler):
     def inference(self, requests: list[ParsedRequest], *args, **kwargs) -> list[ParsedRequest]:
         good = [r for r in requests if r.ids and r.status == 200]
         flat = [ids for r in good for ids in r.ids]
-        embeddings = iter(self.embedder.embed_ids(flat, self._report) if flat else [])
+        with self.timings.phase("inference"):
+            embeddings = iter(self.embedder.embed_ids(flat, self._report) if flat else [])
         for request in good:
             request.vectors = [next(embeddings) for _ in request.ids]
             failed = next((v for v in request.vectors if isinstance(v, Exception)), None)
@@ -111,6 +129,8 @@ class EmbeddingHandler(BaseHandler):
         from ts.metrics.dimension import Dimension
         from ts.metrics.metric_type_enum import MetricTypes
 
+        self.timings.shared[f"model_{bucket}"] += seconds
+        self.timings.shared[f"rows_{bucket}"] += rows
         metrics, dims = self.context.metrics, [Dimension("bucket", str(bucket))]
         metrics.add_counter("TextsPerBucket", rows, dimensions=dims)
         metrics.add_metric("ModelSeconds", seconds, "s", dimensions=dims, metric_type=MetricTypes.HISTOGRAM)
@@ -122,7 +142,8 @@ class EmbeddingHandler(BaseHandler):
         for idx, request in enumerate(requests):
             if request.status == 200:
                 try:
-                    answer = self._answer(request)
+                    with self.timings.phase("serialize", idx):
+                        answer = self._answer(request)
                 except Exception as exc:  # noqa: BLE001
                     request.fail(500, f"could not write the answer ({type(exc).__name__})")
                 else:

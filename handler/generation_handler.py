@@ -27,6 +27,7 @@ from handler.generation_requests import GenerationRequest, answer, parse_generat
 from handler.openai_api import CHAT, COMPLETIONS, MODELS, NATIVE
 from handler.openai_generation import final_answer, parse_openai_generation, stream_event
 from handler.request_parsing import RequestError, request_body
+from handler.worker_threads import threads_per_rank
 from tracer.engine.generator import Generator
 from tracer.errors import ArtifactError, last_line
 
@@ -44,16 +45,17 @@ class GenerationHandler(BaseHandler):
         executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
         model_dir = Path(context.system_properties["model_dir"])
         try:
-            self.generator = Generator(model_dir, tp_degree=settings.get("tp_degree"), executor=executor)
+            self.generator = Generator(model_dir, tp_degree=settings.get("tp_degree"), executor=executor,
+                                       threads_per_rank=threads_per_rank(config))
         except ArtifactError as exc:
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
         self.max_new_tokens = int(settings.get("max_new_tokens", 256))
         self.generator.warm_up()
         self.created = openai_api.created_now()
-        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s in %.1fs",
+        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d in %.1fs",
                     self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
-                    time.time() - started)
+                    threads_per_rank(config), time.time() - started)
         self.initialized = True
 
     def _is_explain(self) -> bool:

@@ -56,9 +56,16 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, store):
-    """A real TorchServe serving `store` on free 127.0.0.1 ports, one per test module."""
+    """A real TorchServe serving `store` on free 127.0.0.1 ports, one per test module; its workers
+    write handler/timings.py's lines to server.timings."""
     from serving import start_server
 
-    server = start_server(tmp_path_factory.mktemp("ts"), store)
+    tmp = tmp_path_factory.mktemp("ts")
+    os.environ["TPSERVE_TIMINGS"] = str(tmp / "timings.jsonl")
+    try:
+        server = start_server(tmp, store)
+    finally:
+        del os.environ["TPSERVE_TIMINGS"]
+    server.timings = tmp / "timings.jsonl"
     yield server
     server.stop()

@@ -60,6 +60,7 @@ class Server:
     ports: dict[str, int]
     log_dir: Path
     model: str = "minilm"
+    timings: Path | None = None  # handler/timings.py's file, where the workers were told to write it
 
     @property
     def url(self) -> str:

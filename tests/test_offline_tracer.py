@@ -188,14 +188,14 @@ def test_help_is_fast_and_shows_defaults():
     result = _cli("build", "--help")
     assert time.monotonic() - started < 1.5  # no torch import for --help
     text = " ".join(result.stdout.split())
-    assert "(default: 2)" in text and "(default: model_store)" in text
+    assert "(>= 1: TorchServe reads 0 as 100) (default: 1)" in text and "(default: model_store)" in text
     assert "default: 1 for embeddings, 4 for generation" in text and "up to max_seq_length" in text
 
 
 def test_serving_settings_are_archive_flags(built, tmp_path):
     """TorchServe's and the handler's settings are set when archiving (no unzipping a .mar), checked first."""
     flags = ["--serve-batch-size", "16", "--max-batch-delay", "7", "--workers", "2", "--response-timeout", "30",
-             "--too-long", "reject", "--max-inputs-per-request", "8"]
+             "--too-long", "reject", "--max-inputs-per-request", "8", "--threads-per-rank", "1"]
     result = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
                              "--model-name", "m2", "--export-path", str(tmp_path), *flags], capture_output=True,
                             text=True)
@@ -205,6 +205,7 @@ def test_serving_settings_are_archive_flags(built, tmp_path):
     assert (config["batchSize"], config["maxBatchDelay"], config["minWorkers"], config["maxWorkers"],
             config["responseTimeout"]) == (16, 7, 2, 2, 30)
     assert config["handler"]["too_long"] == "reject" and config["handler"]["max_inputs_per_request"] == 8
+    assert config["handler"]["threads_per_rank"] == 1
     bad = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
                           "--model-name", "m3", "--export-path", str(tmp_path), "--too-long", "drop"],
                          capture_output=True, text=True)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -169,6 +170,30 @@ def test_too_long_can_be_rejected_with_413_instead(store):
         embedder.close()
 
 
+def test_sub_batches_follow_the_measured_costs_and_equal_each_text_alone(store, encode):
+    """plan(): each text in exactly one sub-batch of at most batch_size, padded to a bucket that holds
+    it; merging lengths only where the warm-up's timings say one call is cheaper than two."""
+    embedder = Embedder(store / "minilm.shards")
+    try:
+        embedder.warm_up()
+        assert set(embedder.costs) == {(b, r) for b in embedder.buckets for r in (1, embedder.batch_size)}
+        lengths = [5, 200, 17, 17, 60, 31, 120, 9, 90, 250, 16, 33] * 2
+        plan = embedder.plan(lengths)
+        assert sorted(i for _, members in plan for i in members) == list(range(len(lengths)))
+        assert all(len(members) <= embedder.batch_size and max(lengths[i] for i in members) <= bucket
+                   for bucket, members in plan)
+        cost = sum(embedder.cost(bucket, len(members)) for bucket, members in plan)
+        per_bucket, full = {}, embedder.batch_size  # the plan before: sub-batches of one bucket each
+        for n in lengths:
+            bucket = next(b for b in embedder.buckets if n <= b)
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+        assert cost <= sum(embedder.cost(b, full) * (r // full) + (embedder.cost(b, r % full) if r % full else 0)
+                           for b, r in per_bucket.items()) + 1e-9
+        assert_same(embedder.embed(MIXED), encode(MIXED))
+    finally:
+        embedder.close()
+
+
 def test_buckets_below_max_seq_length_warn_and_truncate_there(tmp_path, encode):
     result = subprocess.run([sys.executable, "-m", "tracer", "trace", "--tp-degree", "1", "--buckets", "16,64",
                              "--output", str(tmp_path / "short")], capture_output=True, text=True)
@@ -203,6 +228,24 @@ def test_metrics_in_prometheus_format_count_texts_and_keep_every_observation(ser
         assert f"# TYPE {name} histogram" in after
         assert _sample(after, f"{name}_count", "16") - _sample(before, f"{name}_count", "16") == 1
         assert _sample(after, f"{name}_sum", "16") > _sample(before, f"{name}_sum", "16")
+
+
+def test_timings_say_where_a_served_request_spent_its_time(served):
+    """handler/timings.py (bench/serving.py's breakdown): one line per request, found by the client's
+    X-Request-Id, with the handler's wall-clock start/end and each phase's seconds."""
+    texts = ["where does the time go", "a second text of the same request"]
+    sent = time.time()
+    request = urllib.request.Request(served.url, data=json.dumps({"inputs": texts}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Request-Id": "timed-1"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200 and len(json.loads(response.read())) == 2
+    received = time.time()
+    lines = [json.loads(line) for line in served.timings.read_text().splitlines()]
+    (line,) = [r for r in lines if r["id"] == "timed-1"]
+    assert sent <= line["start"] <= line["end"] <= received and line["batch"] >= 1
+    own, shared = line["own"], line["shared"]
+    assert 0 < own["tokenize"] <= own["preprocess"] and own["serialize"] > 0
+    assert shared["rows_16"] >= 2 and 0 < shared["model_16"] <= shared["inference"] <= line["end"] - line["start"]
 
 
 # ---- OpenAI-compatible routes, with the official client ------------------------------------------

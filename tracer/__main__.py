@@ -43,8 +43,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-degree", type=int, required=True, help="tensor-parallel degree")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="sequence buckets (embeddings) or prompt-length buckets (generation), e.g. 16,32,64,128 "
-                        "(default: 16, 32, 64, ... up to max_seq_length; for generation 16, 32, 48, 64, 96, "
-                        "... up to --max-context)")
+                        "(default: 16, 32, 48, 64, 96, ... up to max_seq_length, or for generation up to "
+                        "--max-context)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size each bucket is traced with (default: 1 for embeddings, 4 for generation)")
     p.add_argument("--max-context", type=int, default=None,
@@ -61,11 +61,14 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-path", type=Path, default=Path("model_store"), help="where the .mar goes")
     p.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                    help="default: NAME.mar; no-archive: a folder (large models)")
-    p.add_argument("--max-batch-delay", type=int, default=2, help="TorchServe maxBatchDelay in ms")
+    p.add_argument("--max-batch-delay", type=int, default=1,
+                   help="TorchServe maxBatchDelay in ms (>= 1: TorchServe reads 0 as 100)")
     p.add_argument("--serve-batch-size", type=int, default=None,
                    help="embeddings: TorchServe batchSize (default: the traced --batch-size); a generation "
                         "model's batch is its traced --batch-size")
     p.add_argument("--workers", type=int, default=1, help="TorchServe workers (minWorkers = maxWorkers)")
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="intra-op threads of each rank (default: the cores shared out, cores // (workers x tp))")
     p.add_argument("--response-timeout", type=int, default=None,
                    help="TorchServe responseTimeout in s (default: 120 embeddings, 300 generation)")
     p.add_argument("--startup-timeout", type=int, default=600, help="TorchServe startupTimeout in s")
@@ -134,7 +137,8 @@ def _settings(args):
     from .build.archive import ServeSettings
 
     return ServeSettings(max_batch_delay_ms=args.max_batch_delay, batch_size=args.serve_batch_size,
-                         workers=args.workers, response_timeout_s=args.response_timeout,
+                         workers=args.workers, threads_per_rank=args.threads_per_rank,
+                         response_timeout_s=args.response_timeout,
                          startup_timeout_s=args.startup_timeout, too_long=args.too_long,
                          max_inputs_per_request=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens)
 

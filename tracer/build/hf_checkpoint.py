@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..bucketing import BucketModelConfig, check_buckets, powers_of_two, sequence_length_bucket_kernel
+from ..bucketing import BucketModelConfig, check_buckets, half_steps, sequence_length_bucket_kernel
 from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
@@ -61,7 +61,9 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
     max_tokens = max_seq_length(model_dir, config)
     try:
-        buckets = check_buckets(powers_of_two(16, max_tokens) if buckets is None else buckets)
+        # half steps: a text is padded by at most a half (measured: mixed texts served 1.06-1.09x faster
+        # than with powers of two, README)
+        buckets = check_buckets(half_steps(16, max_tokens) if buckets is None else buckets)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
     if buckets[-1] > config["max_position_embeddings"]:

@@ -1,15 +1,16 @@
 """Texts -> sentence embeddings with a tensor-parallel model from `python -m tracer`: tokenize,
-put each text in the smallest bucket that fits, run one sub-batch per bucket.
+group the texts into sub-batches by length (plan(): the grouping with the least measured cost, as
+every call reads all the weights once), run each padded to its bucket.
 
-Grouping by bucket means a short text is never padded to the longest text of its batch; results
-equal sending each text alone (padding is masked out) and come back in input order. Used by the
-TorchServe handler (handler/embedding_handler.py) and, without a server, in-process.
+A short text is never padded to the longest text of its batch unless that is cheaper than a call of
+its own; results equal sending each text alone (padding is masked out) and come back in input
+order. Used by the TorchServe handler (handler/embedding_handler.py) and, without a server,
+in-process.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -32,11 +33,12 @@ def load_tokenizer(model_dir: Path):
 
 class Embedder:
     def __init__(self, model_dir, tp_degree: int | None = None, too_long: str = "truncate",
-                 executor: str = "threads") -> None:
+                 executor: str = "threads", threads_per_rank: int | None = None) -> None:
         model_dir = Path(model_dir)
         if too_long not in ("truncate", "reject"):
             raise ValueError(f"too_long must be truncate or reject, got {too_long!r}")
-        self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor)
+        self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor,
+                                         threads_per_rank=threads_per_rank)
         info = self.model.manifest.model
         if info is None or self.model.manifest.bucket_kernel is None:
             self.model.close()
@@ -49,14 +51,51 @@ class Embedder:
         self.max_tokens = min(info.get("max_seq_length") or self.buckets[-1], self.buckets[-1])
         self.too_long = too_long
         self.dimension: int | None = info.get("hidden_size")  # mean/CLS pooling: the embedding's size
+        self.costs: dict[tuple[int, int], float] | None = None  # measured by warm_up()
 
     def warm_up(self) -> None:
-        """The first runs of a traced graph are slow (profiling): run every bucket twice first."""
+        """The first runs of a traced graph are slow (profiling): run every bucket twice first,
+        then time a third run of each (one row and a full batch): the cost table of plan()."""
+        costs = {}
         for bucket in self.buckets:
             for rows in sorted({1, self.batch_size}):
                 ones = torch.ones(rows, bucket, dtype=torch.long)
                 for _ in range(2):
                     self.model(ones, ones)
+                started = time.perf_counter()
+                self.model(ones, ones)
+                costs[bucket, rows] = time.perf_counter() - started
+        self.costs = costs
+
+    def cost(self, bucket: int, rows: int) -> float:
+        """Seconds one model call of `rows` rows of `bucket` tokens takes, interpolated from the
+        warm-up's timings (without them: padded tokens plus a fixed cost of one bucket-16 row)."""
+        if self.costs is None:
+            return bucket * rows + 16
+        one, full = self.costs[bucket, 1], self.costs[bucket, self.batch_size]
+        return one + (full - one) * (rows - 1) / max(1, self.batch_size - 1)
+
+    def plan(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
+        """Sub-batches (bucket, input indices) for inputs of these token counts, at least cost.
+
+        Each model call reads all the weights once (measured: at a few rows a call costs a fixed
+        part, the weight reads, plus a part per padded token), so one bucket per distinct length is
+        not the cheapest: inputs sorted by length are cut into runs of at most batch_size, each run
+        padded to the bucket of its longest input, choosing the cuts (dynamic programming over the
+        sorted inputs) that minimize the sum of the runs' measured costs."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        bucket_of = [next(b for b in self.buckets if lengths[i] <= b) for i in order]
+        best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+        for end in range(1, len(order) + 1):
+            for start in range(max(0, end - self.batch_size), end):
+                total = best[start] + self.cost(bucket_of[end - 1], end - start)
+                if total < best[end]:
+                    best[end], cut[end] = total, start
+        plan, end = [], len(order)
+        while end:
+            plan.append((bucket_of[end - 1], order[cut[end]:end]))
+            end = cut[end]
+        return plan[::-1]
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], bool]:
         """Token ids per text, and whether any was truncated. Longer than max_tokens: truncate
@@ -84,34 +123,29 @@ class Embedder:
         return [ids[:self.max_tokens] for ids in arrays], bool(too_long)
 
     def embed_ids(self, token_ids: list[list[int]], on_sub_batch=None) -> list:
-        """Embeddings in input order; one sub-batch (of at most batch_size) per bucket. A sub-batch
-        that fails (e.g. RankExecutionError) yields its exception in place of each of its
-        embeddings: the rest of the batch is still answered. on_sub_batch(bucket, rows, real_tokens,
-        seconds) is called after each sub-batch the model ran (the handler's metrics)."""
-        by_bucket: dict[int, list[int]] = defaultdict(list)
-        for i, ids in enumerate(token_ids):
-            by_bucket[next(b for b in self.buckets if len(ids) <= b)].append(i)
+        """Embeddings in input order, run in the sub-batches of plan(). A sub-batch that fails (e.g.
+        RankExecutionError) yields its exception in place of each of its embeddings: the rest of
+        the batch is still answered. on_sub_batch(bucket, rows, real_tokens, seconds) is called
+        after each sub-batch the model ran (the handler's metrics)."""
         results: list = [None] * len(token_ids)
-        for bucket, members in sorted(by_bucket.items()):
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                ids = torch.zeros(len(chunk), bucket, dtype=torch.long)
-                mask = torch.zeros(len(chunk), bucket, dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-                    mask[row, :len(token_ids[i])] = 1
-                started = time.perf_counter()
-                try:
-                    rows = self.model(ids, mask).tolist()
-                except Exception as exc:  # noqa: BLE001 - this sub-batch fails, not the whole batch
-                    for i in chunk:
-                        results[i] = exc
-                    continue
-                if on_sub_batch is not None:
-                    on_sub_batch(bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
-                                 time.perf_counter() - started)
-                for row, i in enumerate(chunk):
-                    results[i] = rows[row]
+        for bucket, chunk in self.plan([len(ids) for ids in token_ids]):
+            ids = torch.zeros(len(chunk), bucket, dtype=torch.long)
+            mask = torch.zeros(len(chunk), bucket, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[row, :len(token_ids[i])] = 1
+            started = time.perf_counter()
+            try:
+                rows = self.model(ids, mask).tolist()
+            except Exception as exc:  # noqa: BLE001 - this sub-batch fails, not the whole batch
+                for i in chunk:
+                    results[i] = exc
+                continue
+            if on_sub_batch is not None:
+                on_sub_batch(bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
+                             time.perf_counter() - started)
+            for row, i in enumerate(chunk):
+                results[i] = rows[row]
         return results
 
     def embed(self, texts: list[str]) -> list[list[float]]:

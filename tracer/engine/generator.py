@@ -66,9 +66,11 @@ class _Row:
 
 
 class Generator:
-    def __init__(self, model_dir, tp_degree: int | None = None, executor: str = "threads") -> None:
+    def __init__(self, model_dir, tp_degree: int | None = None, executor: str = "threads",
+                 threads_per_rank: int | None = None) -> None:
         model_dir = Path(model_dir)
-        self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor)
+        self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor,
+                                         threads_per_rank=threads_per_rank)
         info = self.model.manifest.model or {}
         if info.get("kind") != "generation":
             self.model.close()
