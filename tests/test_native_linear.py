@@ -1,4 +1,5 @@
-"""tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel equals F.linear."""
+"""tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel (one pass up to 8 rows,
+tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear."""
 
 import pytest
 import torch
@@ -7,9 +8,17 @@ import torch.nn.functional as F
 from tracer.runtime import native_ops
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 40])
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 24, 25, 40, 64, 65])
 @pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
-def test_linear_equals_f_linear(rows, features):
+def test_linear_equals_f_linear(rows, features, threads):
     k, n = features
     g = torch.Generator().manual_seed(rows * 1000 + k)
     x = torch.randn(rows, 1, k, generator=g)
@@ -44,8 +53,8 @@ def test_traced_graph_records_the_op():
     torch.testing.assert_close(traced(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40])
-def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40, 64])
+def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows, threads):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 577, generator=g), torch.randn(1536, 577, generator=g), torch.randn(1536, generator=g)
     scale = w.abs().amax(dim=1) / 127
