@@ -229,13 +229,17 @@ def tokens_of(texts: list[str], shards: Path) -> dict[str, int]:
     return {t: min(len(tokenizer.encode(t).ids), 256) for t in set(texts)}
 
 
-def in_process_rows(store: Path, tp: int, threads: int, record) -> float:
+def in_process_rows(store: Path, tp: int, threads: int, record) -> tuple[float, float, int]:
     """The handler's path without TorchServe: one short text at a time (latency) and batches of 8
-    mixed texts (throughput, texts/s). Returns the batched throughput."""
+    mixed texts (throughput, texts/s). Returns the batched throughput and the model's ceiling: the
+    best useful FLOP/s of any bucket run as a full batch without padding (the warm-up's timings),
+    with that bucket."""
     from tracer.engine.embedder import Embedder
 
     embedder = Embedder(store / f"minilm-tp{tp}-half.shards", threads_per_rank=threads)
     embedder.warm_up()
+    full = embedder.batch_size
+    ceiling, bucket = max((encoder_flops(b) * full / embedder.costs[b, full], b) for b in embedder.buckets)
     try:
         one = drive(lambda: lambda text, _: embedder.embed([text]), SHORT, 1)
         record(f"in-process tp {tp} x {threads} thread(s), 1 text per call", "short", 1, one)
@@ -246,7 +250,7 @@ def in_process_rows(store: Path, tp: int, threads: int, record) -> float:
         result["sent"] = [(None, t, 0, 0, 0) for t in texts]
         result["rps"] *= 8
         record(f"in-process tp {tp} x {threads} thread(s), 8 texts per call", "mixed", 8, result)
-        return result["rps"]
+        return result["rps"], ceiling, bucket
     finally:
         embedder.close()
 
@@ -323,7 +327,7 @@ def main() -> None:
     print(table(["setup", "texts", "clients", "bucket", "model ms", "rows", "batches"],
                 [[label, w, c, b, f"{ms:.2f}", f"{n:.1f}", count]
                  for label, w, c, _, per_bucket in breakdowns for b, (ms, n, count) in per_bucket.items()]))
-    print_goals(results, in_process)
+    print_goals(results, in_process, gemm)
     print(json.dumps({"gemm_gflops": gemm / 1e9}))
 
 
@@ -348,7 +352,7 @@ def infinity_rows(record) -> None:
         infinity_peer.stop(process)
 
 
-def print_goals(results: dict, in_process: dict) -> None:
+def print_goals(results: dict, in_process: dict, gemm: float) -> None:
     tpserve = sorted({label for label, *_ in results if label.startswith("tpserve")})
 
     def best(workload: str, clients: int, key: str):
@@ -373,10 +377,13 @@ def print_goals(results: dict, in_process: dict) -> None:
         lines.append(f"mixed, 8 clients: tpserve / infinity-emb = {rps / infinity:.2f}x (goal 2x; {label})")
     for label in tpserve:
         tp = 2 if "tp 2" in label else 1
-        batched = in_process[(tp, max(1, CORES // tp))]  # default (half-step) buckets
+        batched = in_process[(tp, max(1, CORES // tp))][0]  # default (half-step) buckets
         served = results[label, "mixed", 16]["rps"]
         lines.append(f"mixed, 16 clients: {label} served / in-process batched tp {tp} = {served / batched:.2f}x "
                      f"(goal 0.8x)")
+    for (tp, threads), (_, ceiling, bucket) in sorted(in_process.items()):
+        lines.append(f"model ceiling, in-process tp {tp} x {threads} thread(s): {100 * ceiling / gemm:.0f} % of "
+                     f"the GEMM rate (bucket {bucket}, a full batch, no padding: no served setup can exceed it)")
     print("\ngoals\n" + "\n".join(f"- {line}" for line in lines))
 
 
