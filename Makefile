@@ -23,11 +23,13 @@ MAR := model_store/minilm.mar
 LLM := model_store/smollm2/MAR-INF/MANIFEST.json
 # rebuilt when the code that traces or serves them, the installed packages or this Makefile change
 MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/runtime/csrc/* handler/*.py)
+# MiniLM at tp 2 in one worker: the lowest latency here; for bulk embedding --tp-degree 1 --workers 2
+# serves more texts/s (README, serving benchmark)
 $(MAR): $(MAR_INPUTS)
 	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
 # SmolLM2's tp: 1 (2 intra-op threads) measured best on this 2-core machine (README, generation benchmark)
 LLM_TP ?= 1
-# fp32 by default; `make serve LLM_WEIGHTS=int8` for int8 weights (2.4x faster per token here, README)
+# fp32 by default; `make serve LLM_WEIGHTS=int8` for int8 weights (2.1x faster per token here, README)
 LLM_WEIGHTS ?= fp32
 # a stamp per (tp, weights): `make serve LLM_TP=2` or `LLM_WEIGHTS=int8` rebuilds SmolLM2
 LLM_STAMP := model_store/.smollm2-tp$(LLM_TP)-$(LLM_WEIGHTS)
