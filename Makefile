@@ -52,7 +52,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests: make test stays under ~12 min here
 
 bench: install
 	$(PY) -m bench.tracer_core
