@@ -89,6 +89,23 @@ def test_random_qwen2_with_bias_and_padded_heads_equals_hf_generate(random_qwen2
         generator.close()
 
 
+def test_a_tied_lm_head_is_stored_once_and_bound_to_the_embedding(random_qwen2, tmp_path):
+    directory, hf = random_qwen2
+    shards = _trace(directory, tmp_path, 2)
+    generator = Generator(shards)
+    try:
+        assert generator.model.manifest.ties == {"lm_head.weight": "model.embed_tokens.weight"}
+        for rank in range(2):
+            with safe_open(str(shards / f"tp_{rank}" / "weights.safetensors"), "pt") as weights:
+                assert "lm_head.weight" not in weights.keys() and "model.embed_tokens.weight" in weights.keys()
+            for graph in generator.model.rank_modules(rank):
+                assert graph.lm_head.weight.data_ptr() == graph.model.embed_tokens.weight.data_ptr()
+        got = generator.generate(PROMPTS[:1], SamplingParams(max_new_tokens=16))[0].token_ids
+        assert got == _hf_greedy(hf, PROMPTS[0], 16)
+    finally:
+        generator.close()
+
+
 def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(random_llama, tmp_path):
     directory, _ = random_llama
     shards = _trace(directory, tmp_path, 2)

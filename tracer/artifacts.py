@@ -86,6 +86,7 @@ class Manifest:
     files: dict[str, str]            # every file the model is served from -> sha256
     bucket_kernel: str | None = None
     runtime_states: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> shape, dtype: zeros at load
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the stored tensor it shares (tied weights)
     model: dict | None = None        # what the engine needs to serve it (offline tracer), e.g. pooling
     trace_timing: list = dataclasses.field(default_factory=list)
     format: str = FORMAT

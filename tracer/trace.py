@@ -108,8 +108,8 @@ def parallel_model_trace(func, example_inputs, compiler_workdir=None, compiler_a
     manifest = artifacts.Manifest(
         tp_degree=tp_degree, inline_weights=bool(inline_weights_to_neff), buckets=signatures,
         aliases=results[0]["aliases"], files=files, bucket_kernel=kernel,
-        runtime_states=results[0]["runtime_states"],
-        trace_timing=[{k: v for k, v in r.items() if k not in ("files", "aliases", "runtime_states")}
+        runtime_states=results[0]["runtime_states"], ties=results[0]["ties"],
+        trace_timing=[{k: v for k, v in r.items() if k not in ("files", "aliases", "runtime_states", "ties")}
                       for r in results])
     if any(r["runtime_states"] != manifest.runtime_states for r in results):
         raise TraceError("the ranks' run-time states (e.g. KV caches) differ in shape; every rank must match")

@@ -65,7 +65,7 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     rank_path = artifacts.rank_dir(root, rank)
     rank_path.mkdir(parents=True, exist_ok=True)
     log = open(rank_path / "trace.log", "w")
-    files, aliases, weight_shapes, runtime_states = {}, {}, None, {}
+    files, aliases, weight_shapes, runtime_states, ties = {}, {}, None, {}, {}
     built_with, build_mb = None, 0.0
     for bucket, (example, kwargs) in enumerate(zip(examples, func_kwargs, strict=True)):
         t0 = time.time()
@@ -82,8 +82,7 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
             aliases = _alias_names(model, states, _count_outputs(output))
             traced = torch.jit.trace(model, example, check_trace=options["check_trace"], strict=options["strict"])
         if not inline_weights:  # weights once per rank; graphs carry empty placeholders
-            tensors = {name: t.detach().contiguous()
-                       for name, t in [*traced.named_parameters(), *traced.named_buffers()]}
+            tensors, ties = _untied(traced)
             shapes = {name: tuple(t.shape) for name, t in tensors.items()}
             # a state that is a non-persistent buffer (a KV cache) is run-time memory: allocated
             # (zeros) at load, never written to disk
@@ -100,6 +99,8 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
                 raise ValueError(f"bucket {bucket} builds weights that differ from bucket 0's; buckets share weights")
             for name, tensor in tensors.items():
                 set_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
+            for name, source in ties.items():
+                set_tensor(traced, name, torch.empty(0, dtype=tensors[source].dtype))
         torch.jit.save(traced, str(root / artifacts.bucket_file(rank, bucket)))
         files[artifacts.bucket_file(rank, bucket)] = artifacts.sha256(root / artifacts.bucket_file(rank, bucket))
         line = f"rank {rank} bucket {bucket} {[tuple(x.shape) for x in example]}: traced in {time.time() - t0:.2f}s"
@@ -109,7 +110,22 @@ def trace_rank(func, rank: int, tp_degree: int, examples: list[tuple], func_kwar
     log.close()
     timing = {"rank": rank, "start": started, "end": time.time(), "build_peak_rss_mb": round(build_mb, 1)}
     (rank_path / "trace_timing.json").write_text(json.dumps(timing))
-    return {"rank": rank, "files": files, "aliases": aliases, "runtime_states": runtime_states, **timing}
+    return {"rank": rank, "files": files, "aliases": aliases, "runtime_states": runtime_states, "ties": ties,
+            **timing}
+
+
+def _untied(traced: torch.jit.ScriptModule) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The graph's parameters and buffers by name, each tensor once, and {name: the name it is tied
+    to} for the others (a tied LM head and embedding: stored once, bound to both at load)."""
+    tensors, ties, first = {}, {}, {}
+    for name, t in [*traced.named_parameters(remove_duplicate=False), *traced.named_buffers(remove_duplicate=False)]:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in first:
+            ties[name] = first[key]
+        else:
+            first[key] = name
+            tensors[name] = t.detach().contiguous()
+    return tensors, ties
 
 
 def _worker_main(conn, args: tuple) -> None:

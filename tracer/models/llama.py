@@ -234,6 +234,8 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     model = Decoder(config, inv_freq, scaling, context)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
+    if config.tie_word_embeddings and model.lm_head.weight.shape == model.model.embed_tokens.weight.shape:
+        model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, stored once (int8 re-splits them)
     for layer in model.model.layers:  # loaded by Hugging Face's names, run fused
         layer.self_attn.fuse()
         layer.mlp.fuse()

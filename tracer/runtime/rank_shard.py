@@ -41,6 +41,8 @@ class RankShard:
             shared = load_file(str(load_dir / artifacts.weights_file(rank)), device=device)
             for name, spec in manifest.runtime_states.items():  # e.g. KV caches: memory, not files
                 shared[name] = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+            for name, source in manifest.ties.items():  # tied weights: stored once, one tensor for both
+                shared[name] = shared[source]
         else:  # state tensors must still be one per rank, whichever bucket updates them
             shared = {name: get_tensor(self.graphs[0], name) for name in manifest.aliases}
         for graph in self.graphs:
