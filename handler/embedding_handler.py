@@ -3,8 +3,9 @@
 Bodies: text/plain (one text -> one embedding), JSON {"inputs": "text"} (same) or
 {"inputs": ["t1", ...]} (a list of embeddings, in order); other Content-Types get 415
 (handler/request_parsing.py). OpenAI's POST v1/embeddings and GET v1/models under
-/predictions/NAME/1.0/ (handler/openai_api.py). A dynamic batch is run one sub-batch per bucket
-(tracer/engine/embedder.py).
+/predictions/NAME/1.0/ (handler/openai_api.py). A dynamic batch runs in the sub-batches that cost
+least by the worker's own timings (tracer/engine/embedder.py); with TPSERVE_TIMINGS set, each
+request's phases are written out (handler/timings.py).
 TorchServe's template: preprocess (each request parsed and tokenized on its own), inference,
 postprocess. A request can fail only itself: whatever goes wrong with one request (bad input: 4xx;
 its sub-batch failing in the model: 500) is that request's answer, and every other request of the

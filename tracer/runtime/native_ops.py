@@ -68,12 +68,14 @@ def ops():
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that streams the weights once when x has at most 8 rows (csrc/linear.cpp)."""
+    """F.linear that reads the weights from memory once when x has at most 64 rows (24 on one
+    thread; csrc/linear.cpp)."""
     return ops().linear(x, weight, bias)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (qweight * scale[:, None])^T + bias: int8 weights with one fp32 scale per output feature,
-    streamed once when x has at most 8 rows, dequantized for a GEMM otherwise (csrc/linear.cpp)."""
+    streamed once when x has at most 64 rows (24 on one thread), dequantized for a GEMM otherwise
+    (csrc/linear.cpp)."""
     return ops().linear_int8(x, qweight, scale, bias)
