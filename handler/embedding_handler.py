@@ -44,10 +44,11 @@ class EmbeddingHandler(BaseHandler):
         # TorchServe's torchrun mode (parallelType tp): this worker is one rank; torchrun made the group
         executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
         model_dir = Path(context.system_properties["model_dir"])
+        threads = threads_per_rank(config)
         try:
             self.embedder = Embedder(model_dir, tp_degree=settings.get("tp_degree"),
                                      too_long=settings.get("too_long", "truncate"), executor=executor,
-                                     threads_per_rank=threads_per_rank(config))
+                                     threads_per_rank=threads)
         except ArtifactError as exc:  # tampered, incomplete or foreign artifacts: never serve them
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
@@ -57,7 +58,7 @@ class EmbeddingHandler(BaseHandler):
         self.created = openai_api.created_now()
         logger.info("tpserve: loaded tp=%d buckets=%s batch=%d executor=%s threads/rank=%d in %.1fs",
                     self.embedder.model.tp_degree, self.embedder.buckets, self.embedder.batch_size, executor,
-                    threads_per_rank(config), time.time() - started)
+                    threads, time.time() - started)
         self.initialized = True
 
     def handle(self, data, context):

@@ -44,9 +44,10 @@ class GenerationHandler(BaseHandler):
         settings = config.get("handler", {})
         executor = "torchrun" if config.get("parallelType") == "tp" and "torchrun" in config else "threads"
         model_dir = Path(context.system_properties["model_dir"])
+        threads = threads_per_rank(config)
         try:
             self.generator = Generator(model_dir, tp_degree=settings.get("tp_degree"), executor=executor,
-                                       threads_per_rank=threads_per_rank(config))
+                                       threads_per_rank=threads)
         except ArtifactError as exc:
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
@@ -55,7 +56,7 @@ class GenerationHandler(BaseHandler):
         self.created = openai_api.created_now()
         logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d in %.1fs",
                     self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
-                    threads_per_rank(config), time.time() - started)
+                    threads, time.time() - started)
         self.initialized = True
 
     def _is_explain(self) -> bool:
