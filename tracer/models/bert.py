@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel_layers import parallel_state
-from ..parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load, parallel_state
-from ..parallel_layers.heads import HeadColumnParallelLinear, HeadLayout, HeadRowParallelLinear
+from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, backend, load, parallel_state
+from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
 from ..parallel_layers.layers import FusedLinear
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -103,14 +103,15 @@ class Attention(nn.Module):
         layout = HeadLayout(c.num_attention_heads, c.num_key_value_heads, tp, rank)
         hd, self.head_dim, self.context = c.head_dim, c.head_dim, context
         self.local_heads, self.local_kv = layout.local_heads, layout.local_kv
-        self.q_proj = HeadColumnParallelLinear(c.hidden_size, c.num_attention_heads, layout.first_head,
-                                               layout.local_heads, hd, c.qkv_bias)
-        self.k_proj = HeadColumnParallelLinear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
-                                               layout.local_kv, hd, c.qkv_bias)
-        self.v_proj = HeadColumnParallelLinear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
-                                               layout.local_kv, hd, c.qkv_bias)
-        self.o_proj = HeadRowParallelLinear(c.num_attention_heads, layout.first_head, layout.local_heads, hd,
-                                            c.hidden_size, c.o_bias)
+        self.q_proj = head_column_linear(c.hidden_size, c.num_attention_heads, layout.first_head,
+                                         layout.local_heads, hd, c.qkv_bias)
+        self.k_proj = head_column_linear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
+                                         layout.local_kv, hd, c.qkv_bias)
+        self.v_proj = head_column_linear(c.hidden_size, c.num_key_value_heads, layout.first_kv,
+                                         layout.local_kv, hd, c.qkv_bias)
+        self.o_proj = head_row_linear(c.num_attention_heads, layout.first_head, layout.local_heads, hd,
+                                      c.hidden_size, c.o_bias)
+        self.fused = False
         self.register_buffer("kv_index", torch.tensor(layout.kv_index), persistent=False)
         group = layout.local_heads // layout.local_kv
         # query head i reads KV head i // group: SDPA's grouped-query attention, no widening copy
@@ -124,10 +125,11 @@ class Attention(nn.Module):
         """After loading: q, k and v as one projection."""
         self.qkv_proj = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
+        self.fused = True
 
     def forward(self, x, cos, sin, positions, slots, mask):
         b, length, _ = x.shape
-        q, k, v = self.qkv_proj(x)
+        q, k, v = self.qkv_proj(x) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
         v = v.view(b, length, self.local_kv, self.head_dim)
@@ -159,14 +161,16 @@ class Mlp(nn.Module):
         self.gate_proj = ColumnParallelLinear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, gather_output=False)
         self.up_proj = ColumnParallelLinear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, gather_output=False)
         self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, input_is_parallel=True)
+        self.fused = False
 
     def fuse(self) -> None:
         """After loading: gate and up as one projection."""
         self.gate_up_proj = FusedLinear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
+        gate, up = self.gate_up_proj(x) if self.fused else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -230,15 +234,19 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     model_dir/model.safetensors, and the caches as states ({cache: output index})."""
     model_dir = Path(model_dir)
     config = DecoderConfig.from_hf(read_hf_config(model_dir), **runtime)
+    cpu = backend.NAME == "cpu"
+    if config.weights != "fp32" and not cpu:
+        raise ValueError(f"weights={config.weights!r} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
     inv_freq, scaling = rope_parameters(model_dir)
     model = Decoder(config, inv_freq, scaling, context)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
     if config.tie_word_embeddings and model.lm_head.weight.shape == model.model.embed_tokens.weight.shape:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, stored once (int8 re-splits them)
-    for layer in model.model.layers:  # loaded by Hugging Face's names, run fused
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+    for layer in model.model.layers:  # loaded by Hugging Face's names, run fused (one CPU kernel call;
+        if cpu:                        # neuronx_distributed's compiler fuses on its own)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
     if config.weights == "int8":  # every linear layer and the LM head; the embedding stays fp32
         for module in model.modules():
             if hasattr(module, "quantize_int8"):

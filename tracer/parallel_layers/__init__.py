@@ -1,7 +1,9 @@
-"""Tensor-parallel building blocks: parallel_state, layers, and load (neuronx_distributed's names)."""
+"""Tensor-parallel building blocks: parallel_state, the layers, and load (neuronx_distributed's names).
 
-from . import layers, parallel_state
+On a Neuron host parallel_state and the layers are neuronx_distributed's own (backend.py)."""
+
+from . import layers
+from .backend import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
 from .checkpoint import load
-from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
 __all__ = ["ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "layers", "load", "parallel_state"]

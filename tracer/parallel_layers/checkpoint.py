@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointKeyError, CheckpointShapeError
+from . import backend
 from .layers import copy_slice, shape_of
 from .safetensors_reader import SafetensorsFile
 
@@ -53,6 +54,8 @@ def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: s
             for name, target in targets.items():
                 value = source[aliases.get(prefix + name, prefix + name)]
                 loader = getattr(target, "weight_loader", None)
+                if loader is None and getattr(target, "tensor_model_parallel", False):
+                    loader = _load_partition  # a neuronx_distributed layer's shard
                 if loader is not None and not sharded:
                     loader(target, value)
                     continue
@@ -60,3 +63,22 @@ def load(checkpoint, model: torch.nn.Module, sharded: bool = False, *, prefix: s
                     raise CheckpointShapeError(
                         f"{prefix + name}: checkpoint shape {shape_of(value)}, model shape {tuple(target.shape)}")
                 copy_slice(target, value)
+
+
+def _load_partition(target: torch.Tensor, source) -> None:
+    """This rank's block of `source` along the shard's partition_dim, as neuronx_distributed's layers
+    split (contiguous blocks, rank order; the last block zero-padded where the size does not divide)."""
+    dim, stride = target.partition_dim, getattr(target, "partition_stride", 1)
+    full, local = shape_of(source), tuple(target.shape)
+    state = backend.parallel_state
+    tp, rank = state.get_tensor_model_parallel_size(), state.get_tensor_model_parallel_rank()
+    other_dims_match = len(full) == len(local) and all(
+        f == n for i, (f, n) in enumerate(zip(full, local, strict=True)) if i != dim)
+    if stride != 1 or not other_dims_match or not local[dim] * (tp - 1) < full[dim] <= local[dim] * tp:
+        raise CheckpointShapeError(f"checkpoint shape {full} does not split into shards of {local} "
+                                   f"along dim {dim} (stride {stride}) over tp {tp}")
+    start = rank * local[dim]
+    count = max(0, min(local[dim], full[dim] - start))
+    target.zero_()
+    if count:
+        copy_slice(target.narrow(dim, 0, count), source, dim, start, count)

@@ -10,10 +10,9 @@ the same number of KV heads, so every rank's KV cache has the same shape.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..runtime import collectives
-from .layers import _check_shape, _LinearLayer, copy_slice
+from . import backend
+from .layers import _check_shape, copy_slice
 
 
 class HeadLayout:
@@ -42,57 +41,33 @@ class HeadLayout:
         return real[0] // self.per_kv, real[-1] // self.per_kv
 
 
-def _heads_slice(param: torch.Tensor, source, dim: int, first: int, count: int, total: int, head_dim: int) -> None:
-    """param's `count` heads along `dim` <- heads first.. of source; heads >= total are zero padding."""
-    param.zero_()
-    real = max(0, min(count, total - first))
-    if real:
-        copy_slice(param.narrow(dim, 0, real * head_dim), source, dim, first * head_dim, real * head_dim)
+def _heads_loader(full_shape: tuple[int, ...], dim: int, first: int, count: int, total: int, head_dim: int):
+    """A weight_loader: the param's `count` heads along `dim` <- heads first.. of the checkpoint
+    tensor; heads >= total are zero padding."""
+    def load(param: torch.Tensor, source) -> None:
+        _check_shape("attention heads", source, full_shape)
+        param.zero_()
+        real = max(0, min(count, total - first))
+        if real:
+            copy_slice(param.narrow(dim, 0, real * head_dim), source, dim, first * head_dim, real * head_dim)
+    return load
 
 
-class HeadColumnParallelLinear(_LinearLayer):
-    """q/k/v projection: this rank's output rows are `count` heads from `first` (of `total`, zero
-    padded past it). No gather: attention runs on the local heads."""
-
-    def __init__(self, input_size: int, total: int, first: int, count: int, head_dim: int, bias: bool) -> None:
-        super().__init__()
-        self.total, self.first, self.count, self.head_dim = total, first, count, head_dim
-        self.weight = self._parameter(count * head_dim, input_size, full_shape=(total * head_dim, input_size),
-                                      loader=self._load)
-        self.bias = (self._parameter(count * head_dim, full_shape=(total * head_dim,), loader=self._load)
-                     if bias else None)
-        nn.init.normal_(self.weight, std=0.02)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def _load(self, param: nn.Parameter, source) -> None:
-        _check_shape(type(self).__name__, source, param.full_shape)
-        _heads_slice(param, source, 0, self.first, self.count, self.total, self.head_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.bias)
+def head_column_linear(input_size: int, total: int, first: int, count: int, head_dim: int, bias: bool):
+    """q/k/v projection: a column-parallel layer (this backend's) whose rank holds `count` heads from
+    `first` (of `total`, zero padded past it). No gather: attention runs on the local heads."""
+    tp = backend.parallel_state.get_tensor_model_parallel_size()
+    layer = backend.ColumnParallelLinear(input_size, count * head_dim * tp, bias=bias, gather_output=False)
+    layer.weight.weight_loader = _heads_loader((total * head_dim, input_size), 0, first, count, total, head_dim)
+    if bias:
+        layer.bias.weight_loader = _heads_loader((total * head_dim,), 0, first, count, total, head_dim)
+    return layer
 
 
-class HeadRowParallelLinear(_LinearLayer):
-    """o_proj: this rank's input columns are its query heads (padding heads: zero columns); the
-    partial sums are all-reduced and the bias added once."""
-
-    def __init__(self, total: int, first: int, count: int, head_dim: int, output_size: int, bias: bool) -> None:
-        super().__init__()
-        self.total, self.first, self.count, self.head_dim = total, first, count, head_dim
-        self.weight = self._parameter(output_size, count * head_dim, full_shape=(output_size, total * head_dim),
-                                      loader=self._load)
-        self.bias = self._parameter(output_size, full_shape=(output_size,), loader=self._copy_whole) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def _load(self, param: nn.Parameter, source) -> None:
-        _check_shape(type(self).__name__, source, param.full_shape)
-        _heads_slice(param, source, 1, self.first, self.count, self.total, self.head_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x)
-        if self.tp_size > 1:
-            y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
-        return y + self.bias if self.bias is not None else y
+def head_row_linear(total: int, first: int, count: int, head_dim: int, output_size: int, bias: bool):
+    """o_proj: a row-parallel layer (this backend's) whose rank's input columns are its query heads
+    (padding heads: zero columns); partial sums all-reduced, the bias added once."""
+    tp = backend.parallel_state.get_tensor_model_parallel_size()
+    layer = backend.RowParallelLinear(count * head_dim * tp, output_size, bias=bias, input_is_parallel=True)
+    layer.weight.weight_loader = _heads_loader((output_size, total * head_dim), 1, first, count, total, head_dim)
+    return layer
