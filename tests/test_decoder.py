@@ -225,3 +225,35 @@ def test_smollm2_int8_weights_answer_right_and_agree_with_fp32(smollm2, tmp_path
     print(f"int8 tp=2: top-1 agreement {agreement:.4f}, perplexity {ppl_int8:.4f} vs fp32 {ppl_fp32:.4f}")
     assert agreement >= 0.95, agreement
     assert abs(ppl_int8 / ppl_fp32 - 1) <= 0.01, (ppl_int8, ppl_fp32)
+
+
+def test_int4_weights_of_a_q4_1_model_are_exact_at_tp2(random_llama, tmp_path):
+    """--weights int4 (groups of 32 with a scale and a minimum: llama.cpp's Q4_1; the LM head int8):
+    a model whose weights already lie on those grids (as SmolLM2's GGUF linears do) is stored
+    without loss, sharded at tp 2 (row-parallel groups inside each rank's columns), and generates
+    Hugging Face's greedy tokens for that model; packed uint8 on disk."""
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = random_llama
+    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":  # onto the 4-bit grid
+                groups = module.weight.view(module.weight.shape[0], -1, 32)
+                low = groups.amin(-1, keepdim=True)
+                step = (groups.amax(-1, keepdim=True) - low) / 15
+                module.weight.copy_((torch.round((groups - low) / step) * step + low).view_as(module.weight))
+        step = hf.lm_head.weight.abs().amax(1, keepdim=True) / 127  # the head onto the int8 grid
+        hf.lm_head.weight.copy_(torch.round(hf.lm_head.weight / step) * step)
+    rounded = tmp_path / "rounded"
+    hf.save_pretrained(rounded)
+    expected = [_hf_greedy(hf, p, 32) for p in PROMPTS[:2]]
+    shards = _trace(rounded, tmp_path, 2, weights="int4")
+    with safe_open(str(shards / "tp_1" / "weights.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.layers.0.self_attn.o_proj.qweight"] == "U8" and dtypes["lm_head.qweight"] == "I8"
+    generator = Generator(shards)
+    try:
+        assert [c.token_ids for c in generator.generate(PROMPTS[:2], SamplingParams(max_new_tokens=32))] == expected
+    finally:
+        generator.close()

@@ -64,3 +64,39 @@ def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows, threads):
     for bias in (None, b):
         torch.testing.assert_close(native_ops.linear_int8(x, q, scale, bias), F.linear(x, dequantized, bias),
                                    rtol=1e-5, atol=2e-4)
+
+
+def _q4_1(w: torch.Tensor):
+    """Reference 4-bit grouping, written independently of the layer's: per 32 input features,
+    minimum m and step d = (max - m) / 15; packed bytes hold q[j] (low nibble) and q[j + 16]."""
+    rows, k = w.shape
+    groups = w.view(rows, k // 32, 32)
+    m = groups.amin(-1)
+    d = (groups.amax(-1) - m) / 15
+    q = torch.round((groups - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, k // 2)
+    return packed, d, m, (q.float() * d[..., None] + m[..., None]).view(rows, k)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 24, 25, 64, 65])
+def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 1, 576, generator=g), torch.randn(200, 576, generator=g), torch.randn(200, generator=g)
+    packed, d, m, dequantized = _q4_1(w)
+    assert (dequantized - w).abs().max() <= d.max() / 2 + 1e-6  # rounding: half a step at most
+    for bias in (None, b):
+        torch.testing.assert_close(native_ops.linear_int4(x, packed, d, m, bias), F.linear(x, dequantized, bias),
+                                   rtol=1e-5, atol=2e-4)
+
+
+def test_int4_layer_packs_as_the_kernel_reads_and_refuses_ragged_groups():
+    from tracer.parallel_layers.layers import ColumnParallelLinear
+
+    layer = ColumnParallelLinear(64, 48, bias=True)
+    x = torch.randn(3, 64)
+    _, _, _, dequantized = _q4_1(layer.weight.detach())
+    layer.quantize_int4()
+    assert layer.qweight.dtype == torch.uint8 and tuple(layer.qweight.shape) == (48, 32)
+    torch.testing.assert_close(layer(x), F.linear(x, dequantized, layer.bias), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        ColumnParallelLinear(48, 16).quantize_int4()

@@ -51,9 +51,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
-    p.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
-                   help="generation: int8 = weight-only int8 linear layers and LM head, one scale per output "
-                        "feature (a quarter of the bytes read per token)")
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="generation: weight-only quantized linear layers and LM head: int8 = one scale per output "
+                        "feature (a quarter of the bytes read per token), int4 = groups of 32 with a scale and a "
+                        "minimum each (llama.cpp's Q4_1)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:
@@ -115,7 +116,7 @@ def _check(args) -> None:
             if args.max_context is not None:
                 raise UsageError("--max-context is for generation models; embeddings read up to max_seq_length")
             if args.weights != "fp32":
-                raise UsageError("--weights int8 is for generation models; embeddings stay fp32")
+                raise UsageError(f"--weights {args.weights} is for generation models; embeddings stay fp32")
             args.batch_size = 1 if args.batch_size is None else args.batch_size
             _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
                                                   args.max_parallel_compilations)

@@ -59,10 +59,12 @@ class _ParallelLayer(nn.Module):
 
 
 class _LinearLayer(_ParallelLayer):
-    """A layer that multiplies by its rank's weight matrix (fp32, or int8 once quantized)."""
+    """A layer that multiplies by its rank's weight matrix (fp32, or int8 / int4 once quantized)."""
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias) with this rank's weight: fp32, or int8 after quantize_int8()."""
+        """x W^T (+ bias) with this rank's weight: fp32, int8 after quantize_int8(), int4 after quantize_int4()."""
+        if hasattr(self, "minimum"):
+            return native_ops.linear_int4(x, self.qweight, self.scale, self.minimum, bias)
         if hasattr(self, "qweight"):
             return native_ops.linear_int8(x, self.qweight, self.scale, bias)
         return native_ops.linear(x, self.weight, bias)
@@ -77,6 +79,26 @@ class _LinearLayer(_ParallelLayer):
         del self.weight
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
+
+    def quantize_int4(self) -> None:
+        """Weight-only 4-bit in groups of 32 input features, each with a scale and a minimum
+        (w = scale * q + minimum, q in 0..15: llama.cpp's Q4_1), packed two per byte as
+        csrc/linear_int4.cpp reads them. Groups lie inside this rank's columns (a shard's input
+        features must divide by 32), so shards and their scales split together."""
+        weight = self.weight.detach()
+        rows, features = weight.shape
+        if features % 32:
+            raise ValueError(f"int4 weights need input features per rank divisible by 32, got {features}")
+        groups = weight.reshape(rows, features // 32, 32)
+        minimum = groups.amin(-1)
+        scale = (groups.amax(-1) - minimum) / 15
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, w = minimum
+        q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+        del self.weight
+        self.qweight = nn.Parameter((q[..., :16] | (q[..., 16:] << 4)).reshape(rows, features // 2),
+                                    requires_grad=False)
+        self.scale = nn.Parameter(scale.contiguous(), requires_grad=False)
+        self.minimum = nn.Parameter(minimum.contiguous(), requires_grad=False)
 
 
 class FusedLinear(_LinearLayer):

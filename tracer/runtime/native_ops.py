@@ -1,4 +1,4 @@
-"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 and int8 linear) as one
+"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear) as one
 library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
@@ -79,3 +79,11 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     streamed once when x has at most 64 rows (24 on one thread), dequantized for a GEMM otherwise
     (csrc/linear.cpp)."""
     return ops().linear_int8(x, qweight, scale, bias)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
+    qweight [N, K / 2] packed as csrc/linear_int4.cpp describes): integer SIMD on inputs quantized per
+    group for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    return ops().linear_int4(x, qweight, scale, minimum, bias)
