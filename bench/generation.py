@@ -1,6 +1,6 @@
 """Generation benchmark, one run: SmolLM2-135M-Instruct, time to first token and per-token latency at
-1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 (fp32) and tp 1 / 2 with int8
-weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() in the same run and
+1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 (fp32) and tp 1 / 2 with int8 and
+int4 weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() in the same run and
 the memory-bandwidth limit (weight bytes read per token ÷ this machine's measured copy bandwidth);
 then each model's quality next to Hugging Face fp32 (teacher-forced on a fixed text: top-1 agreement,
 perplexity).
@@ -170,21 +170,23 @@ def main() -> None:
     with safe_open(str(directory / "model.safetensors"), "pt") as f:  # the tied LM head is stored once
         weight_bytes = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 4
     floor_ms = weight_bytes / bandwidth / 1e9 * 1000  # every weight byte read once per token, at copy speed
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:  # int8: 1 byte per linear / LM head weight
-        int8_bytes = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("proj.weight")
-                         or k == "model.embed_tokens.weight")
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        linear = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("proj.weight"))
+        head = math.prod(f.get_slice("model.embed_tokens.weight").get_shape())
+    int8_bytes = linear + head  # 1 byte per linear / LM head weight
+    int4_bytes = linear * 0.75 + head  # half a byte + an fp32 scale and minimum per 32 weights; the head int8
     hf_first, hf_token = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
     text = list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     hf_top1, hf_perplexity = hf_reference(directory, text)
     results, quality = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for tp, weights in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "int8"), (2, "int8")):
+        for tp, weights in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "int8"), (2, "int8"), (1, "int4"), (2, "int4")):
             quality[tp, weights] = {"tokens": text, "hf_top1": hf_top1}
             results[tp, weights] = in_process_rows(directory, question, story, tp, Path(tmp), weights,
                                                    quality[tp, weights])
             first, token, token4, rate4, rate1 = results[tp, weights]
-            rows.append([f"tpserve in-process tp={tp}" + (", int8 weights" if weights == "int8" else ""),
+            rows.append([f"tpserve in-process tp={tp}" + (f", {weights} weights" if weights != "fp32" else ""),
                          f"{first:.0f}", f"{token:.1f}", f"{token4:.1f}",
                          f"{rate4:.0f} / {rate1:.0f} ({rate4 / rate1:.2f}×)", f"{token / hf_token:.2f}×"])
             print(rows[0], rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a failure later
@@ -194,6 +196,8 @@ def main() -> None:
                  "", f"{floor_ms:.1f}", "", "", ""])
     rows.append([f"memory floor, int8: {int8_bytes / 1e6:.0f} MB of int8 weights ÷ {bandwidth:.0f} GB/s", "",
                  f"{int8_bytes / bandwidth / 1e6:.1f}", "", "", ""])
+    rows.append([f"memory floor, int4: {int4_bytes / 1e6:.0f} MB of int4 weights, scales and int8 head ÷ "
+                 f"{bandwidth:.0f} GB/s", "", f"{int4_bytes / bandwidth / 1e6:.1f}", "", "", ""])
     print(f"SmolLM2-135M-Instruct fp32; prompt {len(question)} tokens (first token), {len(story)} tokens + "
           f"{NEW_TOKENS} new (per token); copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",

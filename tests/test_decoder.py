@@ -257,3 +257,23 @@ def test_int4_weights_of_a_q4_1_model_are_exact_at_tp2(random_llama, tmp_path):
         assert [c.token_ids for c in generator.generate(PROMPTS[:2], SamplingParams(max_new_tokens=32))] == expected
     finally:
         generator.close()
+
+
+def test_int4_reproduces_the_gguf_q4_1_blocks_of_smollm2(smollm2):
+    """SmolLM2's GGUF holds its linear layers in Q4_1 (transformers dequantizes them to fp32): int4's
+    groups are Q4_1's blocks, so quantizing those fp32 weights again gives back exactly the GGUF's
+    values (each block's minimum and maximum are on its own grid), no second rounding."""
+    from tracer.parallel_layers.layers import ColumnParallelLinear
+
+    directory, _, _ = smollm2
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.v_proj.weight",
+                     "model.layers.15.mlp.gate_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+            weight = f.get_tensor(name)
+            layer = ColumnParallelLinear(weight.shape[1], weight.shape[0], bias=False)
+            layer.weight.data.copy_(weight)
+            layer.quantize_int4()
+            packed = layer.qweight.view(weight.shape[0], -1, 16)
+            q = torch.cat([packed & 15, packed >> 4], -1).float()
+            values = (q * layer.scale.unsqueeze(-1) + layer.minimum.unsqueeze(-1)).view_as(weight)
+            assert torch.equal(values, weight), (name, (values - weight).abs().max())
