@@ -1,6 +1,7 @@
 """Generation benchmark, one run: SmolLM2-135M-Instruct, time to first token and per-token latency at
 1 and 4 concurrent streams, tpserve in-process at tp 1 / 2 / 3 (fp32) and tp 1 / 2 with int8 and
-int4 weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() in the same run and
+int4 weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() and llama.cpp
+(llama-cpp-python on the same GGUF, built in its own venv: bench/llama_cpp_peer.py) in the same run and
 the memory-bandwidth limit (weight bytes read per token ÷ this machine's measured copy bandwidth);
 then each model's quality next to Hugging Face fp32 (teacher-forced on a fixed text: top-1 agreement,
 perplexity).
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from bench import llama_cpp_peer
 from bench.common import table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -177,6 +179,13 @@ def main() -> None:
     int4_bytes = linear * 0.75 + head  # half a byte + an fp32 scale and minimum per 32 weights; the head int8
     hf_first, hf_token = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
+    peer = llama_cpp_peer.ensure_venv()
+    llama = peer and llama_cpp_peer.measure(peer, smollm2_gguf(), question, story, NEW_TOKENS, REPEATS)
+    if llama:
+        rows.append([f"llama.cpp ({llama_cpp_peer.PACKAGES[0]}), the same GGUF (Q4_1), 2 threads",
+                     f"{llama[0]:.0f}", f"{llama[1]:.1f}", "", "", f"{llama[1] / hf_token:.2f}×"])
+    else:
+        rows.append(["llama.cpp: skipped (llama-cpp-python could not be built or run; see stderr)", "", "", "", "", ""])
     text = list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     hf_top1, hf_perplexity = hf_reference(directory, text)
     results, quality = {}, {}
@@ -202,6 +211,11 @@ def main() -> None:
           f"{NEW_TOKENS} new (per token); copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",
                  "tokens/s 4 streams / 1 stream", "per token ÷ HF"], rows))
+    if llama:
+        print("against llama.cpp, per token: " + ", ".join(
+            f"tp={tp} {w} {results[tp, w][1] / llama[1]:.2f}×" for tp, w in ((1, "int8"), (2, "int8"), (1, "int4"),
+                                                                               (2, "int4"))) +
+              "; first token: " + ", ".join(f"tp={tp} {w} {results[tp, w][0] / llama[0]:.2f}×" for tp, w in results))
     print(f"served − in-process first token (tp=1, alternating requests, chat template on both sides): "
           f"{served - local:.1f} ms ({served:.0f} vs {local:.0f} ms)")
     print(f"quality, teacher-forced on tests/data/quality_text.txt ({len(text)} tokens; HF fp32 perplexity "
