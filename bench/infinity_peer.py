@@ -2,9 +2,9 @@
 
 infinity-emb pins numpy<2 and (through sentence-transformers<4) an older transformers, which clash with the
 project's own dependencies, so it must never be installed into the project's .venv. Instead it lives in its own
-virtualenv under <repo>/.bench-venvs/infinity (git-ignored), made on first use, and runs as a separate server
-process that the benchmark talks to over HTTP like any other peer. torch is pinned to the CPU build that pip
-finds on this machine's disk (pip's find-links), so the multi-GB CUDA wheel is never pulled.
+virtualenv under <repo>/.bench-venvs/infinity (bench/peer_venv.py), and runs as a separate server process
+that the benchmark talks to over HTTP like any other peer. torch is pinned to the CPU build that pip finds on
+this machine's disk (pip's find-links), so the multi-GB CUDA wheel is never pulled.
 """
 
 from __future__ import annotations
@@ -18,35 +18,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import peer_venv
+
 PACKAGES = ["infinity-emb[server,torch]==0.0.78", "torch==2.13.*"]
-MARKER = ".infinity-installed"
 
 
-def ensure_venv(root: Path = REPO / ".bench-venvs" / "infinity") -> Path | None:
+def ensure_venv() -> Path | None:
     """Return the python of a virtualenv with infinity-emb installed (installing it once), or None."""
-    python = root / "bin" / "python"
-    marker = root / MARKER
-    wanted = " ".join(PACKAGES)
-    if python.exists() and marker.exists() and marker.read_text() == wanted:
-        return python
-    log = root / "install.log"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / ".gitignore").write_text("*\n")  # as Python 3.13's venv does: git never sees the venv
-        if not python.exists():
-            subprocess.run(["python3", "-m", "venv", str(root)], check=True, capture_output=True, timeout=300)
-        with open(log, "w") as out:
-            # Plain pip: its config here adds the on-disk wheel directory, where torch 2.13.0+cpu lies.
-            subprocess.run([str(python), "-m", "pip", "install", *PACKAGES], check=True, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=3600)
-        check = "import torch, infinity_emb; assert torch.version.cuda is None, 'CUDA torch'"
-        subprocess.run([str(python), "-c", check], check=True, capture_output=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as error:
-        print(f"infinity-emb peer unavailable ({error}); see {log}", file=sys.stderr)
-        return None
-    marker.write_text(wanted)
-    return python
+    return peer_venv.ensure_venv("infinity", PACKAGES,
+                                 "import torch, infinity_emb; assert torch.version.cuda is None, 'CUDA torch'")
 
 
 def start(model_dir: Path, port: int, python: Path) -> subprocess.Popen:

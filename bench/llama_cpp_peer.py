@@ -1,7 +1,7 @@
 """llama.cpp (llama-cpp-python) as a benchmark-only peer for bench/generation.py, on the same GGUF.
 
 llama-cpp-python compiles llama.cpp from source (~15 minutes on 2 cores here), so it lives in its own
-virtualenv under <repo>/.bench-venvs/llama-cpp (git-ignored), built on first use, and is measured in a
+virtualenv under <repo>/.bench-venvs/llama-cpp (bench/peer_venv.py), and is measured in a
 subprocess running that venv's Python: the prompt goes in as token ids (the same chat-templated ids
 tpserve and Hugging Face get), greedy, n_threads as for the others.
 
@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import peer_venv
+
 PACKAGES = ["llama-cpp-python==0.3.36"]
-MARKER = ".llama-cpp-installed"
 
 # Run by the peer venv's Python: argv = gguf path, prompt ids (JSON), new tokens, repeats, threads.
 MEASURE = r"""
@@ -43,28 +43,9 @@ print(json.dumps({"first_ms": first * 1000, "per_token_ms": statistics.median(ga
 """
 
 
-def ensure_venv(root: Path = REPO / ".bench-venvs" / "llama-cpp") -> Path | None:
-    """Return the python of a virtualenv with llama-cpp-python installed (building it once), or None."""
-    python = root / "bin" / "python"
-    marker = root / MARKER
-    wanted = " ".join(PACKAGES)
-    if python.exists() and marker.exists() and marker.read_text() == wanted:
-        return python
-    log = root / "install.log"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / ".gitignore").write_text("*\n")
-        if not python.exists():
-            subprocess.run(["python3", "-m", "venv", str(root)], check=True, capture_output=True, timeout=300)
-        with open(log, "w") as out:
-            subprocess.run([str(python), "-m", "pip", "install", *PACKAGES], check=True, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=3600)
-        subprocess.run([str(python), "-c", "import llama_cpp"], check=True, capture_output=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as error:
-        print(f"llama.cpp peer unavailable ({error}); see {log}", file=sys.stderr)
-        return None
-    marker.write_text(wanted)
-    return python
+def ensure_venv() -> Path | None:
+    """Return the python of a virtualenv with llama-cpp-python built (building it once), or None."""
+    return peer_venv.ensure_venv("llama-cpp", PACKAGES, "import llama_cpp")
 
 
 def measure(python: Path, gguf: Path, first_prompt: list[int], story: list[int], new_tokens: int, repeats: int,

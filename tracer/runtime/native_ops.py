@@ -26,6 +26,7 @@ from torch.utils import cpp_extension
 from ..cache_dir import cache_dir
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the cache key, not compiled alone
 
 
 def _compile_command(output: Path) -> list[str]:
@@ -43,7 +44,8 @@ def _compile_command(output: Path) -> list[str]:
 
 def library_path() -> Path:
     """Path of the compiled library, building it if these sources and this torch have none yet."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode() + sys.version.encode())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode()
+                         + sys.version.encode())
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     output = cache / f"tpserve_ops_{key.hexdigest()[:16]}.so"

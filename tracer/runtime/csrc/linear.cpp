@@ -15,6 +15,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 
 
 
@@ -33,17 +35,8 @@ constexpr int64_t kTileBytes = 128 * 1024;
 // here, with it ~17 GB/s (whole SmolLM2 weight set, 2 threads).
 constexpr int64_t kPrefetchBytes = 4096;
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using tpserve_simd::cpu_has_avx2_fma;
+using tpserve_simd::horizontal_sum;
 
 // 8 weights as fp32: fp32 weights as they are, int8 weights widened (the scale comes at the end).
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }

@@ -18,6 +18,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -28,17 +30,8 @@ constexpr int64_t kChunkRows = 4;               // input rows per pass over a ti
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
 int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using tpserve_simd::cpu_has_avx2_fma;
+using tpserve_simd::horizontal_sum;
 
 // 8 weights of a group as fp32 q values (0..15): bytes [8c, 8c + 8) of the unpacked group.
 __attribute__((target("avx2,fma"))) inline __m256 q8(__m128i bytes) {

@@ -1,0 +1,22 @@
+// Helpers shared by the AVX2 kernels (linear.cpp, linear_int4.cpp).
+#pragma once
+
+#include <immintrin.h>
+
+namespace tpserve_simd {
+
+// The kernels are compiled for AVX2 + FMA per function (target attributes) and used only where the
+// CPU has both; elsewhere the ops fall back to ATen.
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace tpserve_simd
