@@ -29,6 +29,7 @@ from torch import nn
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, backend, load, parallel_state
 from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
 from ..parallel_layers.layers import FusedLinear
+from ..runtime import native_ops
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -80,6 +81,12 @@ def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
     return rotary.inv_freq.float().clone(), float(rotary.attention_scaling)
 
 
+# On the CPU backend the norm and the rotation are one tpserve op each (csrc/decoder_ops.cpp: a step
+# runs ~60 of each on a few hundred numbers, where the op count is the cost); elsewhere
+# (neuronx_distributed) the same formulas in plain torch ops, for its compiler.
+_CPU_OPS = backend.NAME == "cpu"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -87,10 +94,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _CPU_OPS:
+            return native_ops.rms_norm(x, self.weight, self.eps)
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _CPU_OPS:
+        return native_ops.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

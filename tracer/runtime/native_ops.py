@@ -1,4 +1,5 @@
-"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear) as one
+"""Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear,
+the decoder's RMS norm and rotary embedding) as one
 library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
@@ -86,6 +87,17 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
-    qweight [N, K / 2] packed as csrc/linear_int4.cpp describes): integer SIMD on inputs quantized per
-    group for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    qweight [N, K / 2] packed as csrc/linear_int4.cpp describes): unpacked in registers against the
+    fp32 inputs for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
     return ops().linear_int4(x, qweight, scale, minimum, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)) as one op (csrc/decoder_ops.cpp)."""
+    return ops().rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [b, L, heads, D], cos / sin [b, L, 1, D], as one op
+    (csrc/decoder_ops.cpp)."""
+    return ops().rope(x, cos, sin)
