@@ -46,7 +46,8 @@ def write_config(path: Path, store: Path, model: str) -> dict[str, int]:
     text = re.sub(r"^grpc_inference_port=\d+", f"grpc_inference_port={grpc_inference}", text, flags=re.M)
     text = re.sub(r"^grpc_management_port=\d+", f"grpc_management_port={grpc_management}", text, flags=re.M)
     text = re.sub(r"^model_store=.*", f"model_store={store}", text, flags=re.M)
-    load = f"{model}.mar" if (store / f"{model}.mar").exists() else model  # an archive, or a no-archive folder
+    # each model (comma-separated): an archive, or a no-archive folder
+    load = ",".join(f"{m}.mar" if (store / f"{m}.mar").exists() else m for m in model.split(","))
     text = re.sub(r"^load_models=.*", f"load_models={load}", text, flags=re.M)
     # workers talk to the frontend on /tmp/.ts.sock.<port>, 9000 by default: apart from `make serve`'s
     text += f"initial_worker_port={worker}\n"

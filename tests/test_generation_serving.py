@@ -224,3 +224,22 @@ def test_rest_client_generates_and_streams(llm):
     assert whole["text"] == "The capital of France is Paris."
     lines = list(client.stream(messages=CAPITAL["messages"]))
     assert "".join(line["text"] for line in lines) == whole["text"] and lines[-1]["usage"] == whole["usage"]
+
+
+def test_quantized_models_served_side_by_side_answer_right(tmp_path_factory):
+    """--weights int8 and --weights int4 (tp 1), served by one TorchServe next to each other: each
+    answers the capital-of-France question right (the quantization issue asks it of every mode)."""
+    store = tmp_path_factory.mktemp("quantized_store")
+    for weights in ("int8", "int4"):
+        subprocess.run([sys.executable, "-m", "tracer", "build", "--model", "smollm2", "--tp-degree", "1",
+                        "--max-context", "128", "--buckets", "64", "--batch-size", "1", "--weights", weights,
+                        "--model-name", f"smollm2-{weights}", "--export-path", str(store),
+                        "--archive-format", "no-archive"], check=True, capture_output=True)
+    server = start_server(tmp_path_factory.mktemp("ts_quantized"), store, "smollm2-int8,smollm2-int4")
+    try:
+        for weights in ("int8", "int4"):
+            server.model = f"smollm2-{weights}"
+            status, _, body = _post(server, CAPITAL)
+            assert status == 200 and body["text"] == "The capital of France is Paris.", (weights, body)
+    finally:
+        server.stop()
