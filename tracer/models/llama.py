@@ -82,9 +82,10 @@ def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
 
 
 # On the CPU backend the norm and the rotation are one tpserve op each (csrc/decoder_ops.cpp: a step
-# runs ~60 of each on a few hundred numbers, where the op count is the cost); elsewhere
-# (neuronx_distributed) the same formulas in plain torch ops, for its compiler.
-_CPU_OPS = backend.NAME == "cpu"
+# runs ~60 of each on a few hundred numbers, where the op count is the cost) and the projections are
+# fused and may be quantized (tpserve's kernels); on neuronx_distributed the same formulas in plain
+# torch ops, unfused, fp32, for its compiler.
+_CPU_BACKEND = backend.NAME == "cpu"
 
 
 class RMSNorm(nn.Module):
@@ -94,13 +95,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _CPU_OPS:
+        if _CPU_BACKEND:
             return native_ops.rms_norm(x, self.weight, self.eps)
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if _CPU_OPS:
+    if _CPU_BACKEND:
         return native_ops.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -245,8 +246,7 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     model_dir/model.safetensors, and the caches as states ({cache: output index})."""
     model_dir = Path(model_dir)
     config = DecoderConfig.from_hf(read_hf_config(model_dir), **runtime)
-    cpu = backend.NAME == "cpu"
-    if config.weights != "fp32" and not cpu:
+    if config.weights != "fp32" and not _CPU_BACKEND:
         raise ValueError(f"weights={config.weights!r} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
     inv_freq, scaling = rope_parameters(model_dir)
     model = Decoder(config, inv_freq, scaling, context)
@@ -255,7 +255,7 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
     if config.tie_word_embeddings and model.lm_head.weight.shape == model.model.embed_tokens.weight.shape:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, stored once (int8 re-splits them)
     for layer in model.model.layers:  # loaded by Hugging Face's names, run fused (one CPU kernel call;
-        if cpu:                        # neuronx_distributed's compiler fuses on its own)
+        if _CPU_BACKEND:               # neuronx_distributed's compiler fuses on its own)
             layer.self_attn.fuse()
             layer.mlp.fuse()
     if config.weights != "fp32":  # every linear layer and the LM head; the embedding stays fp32

@@ -25,10 +25,8 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // one pass over the weights for all rows
-// More rows: passes of kChunkRows rows over tiles of W small enough to stay in L2, so W still comes
-// from memory once. Measured against MKL (MiniLM and SmolLM2 weight sets): faster up to 64 rows on
-// 2 threads (1.1-1.6x), on 1 thread only up to 24 (MKL's blocked GEMM wins from 32 rows on).
-int64_t max_tiled_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
+// More rows, up to max_streamed_rows() (simd.h): passes of kChunkRows rows over tiles of W small
+// enough to stay in L2, so W still comes from memory once.
 constexpr int64_t kChunkRows = 4;  // 4 rows x 3 weight rows: 12 FMAs per 7 loads
 constexpr int64_t kTileBytes = 128 * 1024;
 // Prefetch 4 KB ahead in each weight row: the hardware prefetcher alone left 4-row steps at ~13 GB/s
@@ -37,6 +35,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
+using tpserve_simd::max_streamed_rows;
 
 // 8 weights as fp32: fp32 weights as they are, int8 weights widened (the scale comes at the end).
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -99,7 +98,7 @@ constexpr RowsKernel<W> kKernels[kMaxRows] = {rows_kernel<W, 1>, rows_kernel<W, 
                                               rows_kernel<W, 4>, rows_kernel<W, 5>, rows_kernel<W, 6>,
                                               rows_kernel<W, 7>, rows_kernel<W, 8>};
 
-// y = x W^T (* scale) + bias for x of at most max_tiled_rows() rows; output features split over the
+// y = x W^T (* scale) + bias for x of at most max_streamed_rows() rows; output features split over the
 // threads, each thread streaming its own contiguous block of W (tile by tile beyond kMaxRows rows).
 template <typename W>
 at::Tensor stream_rows(const at::Tensor& x, const at::Tensor& weight, const float* scale,
@@ -134,7 +133,7 @@ at::Tensor stream_rows(const at::Tensor& x, const at::Tensor& weight, const floa
 
 bool few_float_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.dim() == 2 && x.dim() >= 1 &&
-         x.size(-1) == weight.size(1) && x.numel() > 0 && x.numel() / x.size(-1) <= max_tiled_rows() &&
+         x.size(-1) == weight.size(1) && x.numel() > 0 && x.numel() / x.size(-1) <= max_streamed_rows() &&
          weight.is_contiguous() && (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) &&
          !x.requires_grad() && !weight.requires_grad() && cpu_has_avx2_fma();
 }

@@ -28,10 +28,10 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunkRows = 4;               // input rows per pass over a tile of weights
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
-int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
+using tpserve_simd::max_streamed_rows;
 
 // 8 weights of a group as fp32 q values (0..15): bytes [8c, 8c + 8) of the unpacked group.
 __attribute__((target("avx2,fma"))) inline __m256 q8(__m128i bytes) {
