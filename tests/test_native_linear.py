@@ -1,5 +1,7 @@
 """tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel (one pass up to 8 rows,
-tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear."""
+tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear; tpserve::linear_int8 / int4
+(csrc/linear_quantized.cpp) equal F.linear with the dequantized weights, and the layers store
+their groups as those kernels read them."""
 
 import pytest
 import torch
@@ -53,16 +55,25 @@ def test_traced_graph_records_the_op():
     torch.testing.assert_close(traced(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40, 64])
+def _groups_of_8_bits(w: torch.Tensor):
+    """Reference 8-bit grouping, written independently of the layer's: per 32 input features,
+    minimum m and step d = (max - m) / 255; q in 0..255 unpacked, one byte each."""
+    rows, k = w.shape
+    groups = w.view(rows, k // 32, 32)
+    m = groups.amin(-1)
+    d = (groups.amax(-1) - m) / 255
+    q = torch.round((groups - m[..., None]) / d[..., None]).clamp(0, 255).to(torch.uint8)
+    return q.view(rows, k), d, m, (q.float() * d[..., None] + m[..., None]).view(rows, k)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 24, 40, 64, 65])
 def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows, threads):
     g = torch.Generator().manual_seed(rows)
-    x, w, b = torch.randn(rows, 577, generator=g), torch.randn(1536, 577, generator=g), torch.randn(1536, generator=g)
-    scale = w.abs().amax(dim=1) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    dequantized = q.float() * scale[:, None]
-    assert (dequantized - w).abs().max() <= scale.max() / 2 + 1e-6  # rounding: half a step at most
+    x, w, b = torch.randn(rows, 576, generator=g), torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
+    q, d, m, dequantized = _groups_of_8_bits(w)
+    assert (dequantized - w).abs().max() <= d.max() / 2 + 1e-6  # rounding: half a step at most
     for bias in (None, b):
-        torch.testing.assert_close(native_ops.linear_int8(x, q, scale, bias), F.linear(x, dequantized, bias),
+        torch.testing.assert_close(native_ops.linear_int8(x, q, d, m, bias), F.linear(x, dequantized, bias),
                                    rtol=1e-5, atol=2e-4)
 
 
@@ -89,14 +100,43 @@ def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads):
                                    rtol=1e-5, atol=2e-4)
 
 
-def test_int4_layer_packs_as_the_kernel_reads_and_refuses_ragged_groups():
+@pytest.mark.parametrize("bits, reference, width", [(8, _groups_of_8_bits, 64), (4, _q4_1, 32)])
+def test_quantized_layer_stores_as_the_kernel_reads_and_refuses_ragged_groups(bits, reference, width):
     from tracer.parallel_layers.layers import ColumnParallelLinear
 
     layer = ColumnParallelLinear(64, 48, bias=True)
-    x = torch.randn(3, 64)
-    _, _, _, dequantized = _q4_1(layer.weight.detach())
-    layer.quantize_int4()
-    assert layer.qweight.dtype == torch.uint8 and tuple(layer.qweight.shape) == (48, 32)
-    torch.testing.assert_close(layer(x), F.linear(x, dequantized, layer.bias), rtol=1e-5, atol=1e-4)
+    weight, x = layer.weight.detach().clone(), torch.randn(3, 64)
+    _, _, _, expected = reference(weight)
+    layer.quantize(bits)
+    assert layer.qweight.dtype == torch.uint8 and tuple(layer.qweight.shape) == (48, width)
+    q = layer.qweight.view(48, 2, width // 2)
+    if bits == 4:
+        q = torch.cat([q & 15, q >> 4], -1)
+    stored = (q.float() * layer.scale[..., None] + layer.minimum[..., None]).view(48, 64)
+    if bits == 4:
+        assert torch.equal(stored, expected)
+    else:  # per group min-max or symmetric, whichever is closer: never worse than min-max
+        worst = (stored - weight).view(48, 2, 32).abs().amax(-1)
+        assert (worst <= (expected - weight).view(48, 2, 32).abs().amax(-1) + 1e-7).all()
+    torch.testing.assert_close(layer(x), F.linear(x, stored, layer.bias), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="divisible by 32"):
-        ColumnParallelLinear(48, 16).quantize_int4()
+        ColumnParallelLinear(48, 16).quantize(bits)
+
+
+def test_int8_groups_hold_a_symmetric_q8_0_block_exactly():
+    """A group on a symmetric grid (w = d * q, q in -127..127: GGUF's Q8_0) is stored as such
+    (scale d, minimum -128 d), where a min-max grid would round it; min-max groups stay min-max."""
+    from tracer.parallel_layers.layers import ColumnParallelLinear
+
+    g = torch.Generator().manual_seed(0)
+    d = (torch.rand(16, 2, 1, generator=g) * 0.01 + 0.001).half().float()  # Q8_0's scales are fp16
+    q = torch.randint(-126, 127, (16, 2, 32), generator=g).float()
+    q[..., 0] = 127  # the block's largest magnitude, as Q8_0's quantizer makes it
+    q[..., 1] = -50
+    layer = ColumnParallelLinear(64, 16, bias=False)
+    weight = (q * d).view(16, 64)
+    layer.weight.data.copy_(weight)
+    layer.quantize(8)
+    values = (layer.qweight.view(16, 2, 32).float() * layer.scale[..., None] + layer.minimum[..., None]).view(16, 64)
+    assert torch.equal(values, weight), (values - weight).abs().max()
+    assert torch.equal(layer.scale, d.squeeze(-1))

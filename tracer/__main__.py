@@ -52,9 +52,9 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="generation: weight-only quantized linear layers and LM head: int8 = one scale per output "
-                        "feature (a quarter of the bytes read per token), int4 = groups of 32 with a scale and a "
-                        "minimum each (llama.cpp's Q4_1)")
+                   help="generation: weight-only quantized linear layers and LM head, in groups of 32 weights "
+                        "with a scale and a minimum each: int8 (5/16 of fp32's bytes; holds GGUF Q8_0 / Q4_x "
+                        "blocks exactly), int4 (llama.cpp's Q4_1; the LM head int8)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 DEFAULT_BATCH = 4
 DEFAULT_MAX_CONTEXT = 1024
-WEIGHTS = ("fp32", "int8", "int4")  # weight-only: int8 one scale per output feature, int4 groups of 32 (layers.py)
+WEIGHTS = ("fp32", "int8", "int4")  # weight-only, groups of 32 with a scale and minimum (layers.py)
 
 
 def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[int] | None, batch_size: int | None,

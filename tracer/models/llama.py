@@ -50,7 +50,7 @@ class DecoderConfig:
     tie_word_embeddings: bool
     max_batch: int = 4          # rows of one generation step; the cache has one more (scratch) row
     max_context: int = 1024     # positions per cache row
-    weights: str = "fp32"       # or "int8" (per-row scales) / "int4" (groups of 32; LM head int8): weight-only
+    weights: str = "fp32"       # or "int8" / "int4" (groups of 32, LM head int8 in both): weight-only
 
     @classmethod
     def from_hf(cls, hf: dict, **runtime) -> DecoderConfig:
@@ -259,10 +259,11 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
             layer.self_attn.fuse()
             layer.mlp.fuse()
     if config.weights != "fp32":  # every linear layer and the LM head; the embedding stays fp32
+        bits = {"int8": 8, "int4": 4}[config.weights]
         for module in model.modules():
             if module is model.lm_head:  # int4 keeps an int8 head: at 4 bits SmolLM2's agreed with fp32 on
-                module.quantize_int8()   # 81 % of next tokens (its GGUF holds the head in Q8_0, not Q4_1)
-            elif hasattr(module, "quantize_int8"):
-                getattr(module, f"quantize_{config.weights}")()
+                module.quantize(8)       # 81 % of next tokens (its GGUF holds the head in Q8_0, not Q4_1)
+            elif hasattr(module, "quantize"):
+                module.quantize(bits)
     model.eval()
     return model, {cache: 1 + i for i, cache in enumerate(model.caches())}

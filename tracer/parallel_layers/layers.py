@@ -62,43 +62,49 @@ class _LinearLayer(_ParallelLayer):
     """A layer that multiplies by its rank's weight matrix (fp32, or int8 / int4 once quantized)."""
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias) with this rank's weight: fp32, int8 after quantize_int8(), int4 after quantize_int4()."""
-        if hasattr(self, "minimum"):
-            return native_ops.linear_int4(x, self.qweight, self.scale, self.minimum, bias)
+        """x W^T (+ bias) with this rank's weight: fp32, or int8 / int4 after quantize()."""
         if hasattr(self, "qweight"):
-            return native_ops.linear_int8(x, self.qweight, self.scale, bias)
+            op = native_ops.linear_int8 if self.weight_bits == 8 else native_ops.linear_int4
+            return op(x, self.qweight, self.scale, self.minimum, bias)
         return native_ops.linear(x, self.weight, bias)
 
-    def quantize_int8(self) -> None:
-        """Weight-only int8 with one fp32 scale per output feature (row): absmax / 127, rounded.
-        Call after the checkpoint is loaded; the fp32 weight is dropped. Each rank quantizes its own
-        rows (a row's scale depends on that row alone, so shards and scales split together)."""
-        weight = self.weight.detach()
-        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        qweight = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        del self.weight
-        self.qweight = nn.Parameter(qweight, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
-
-    def quantize_int4(self) -> None:
-        """Weight-only 4-bit in groups of 32 input features, each with a scale and a minimum
-        (w = scale * q + minimum, q in 0..15: llama.cpp's Q4_1), packed two per byte as
-        csrc/linear_int4.cpp reads them. Groups lie inside this rank's columns (a shard's input
-        features must divide by 32), so shards and their scales split together."""
+    def quantize(self, bits: int) -> None:
+        """Weight-only int8 or int4 in groups of 32 input features, each group with an fp32 scale and
+        minimum (w = scale * q + minimum; q in 0..255 or 0..15), as csrc/linear_quantized.cpp reads
+        them. Call after the checkpoint is loaded; the fp32 weight is dropped. Each rank quantizes its
+        own part: groups lie inside this rank's columns (a shard's input features must divide by 32),
+        so shards and their scales split together. Per group the grid is the one that holds the group
+        best: from its minimum to its maximum, or (int8) symmetric around zero (absmax / 127), which
+        holds a GGUF Q8_0 block exactly where min-max would not."""
         weight = self.weight.detach()
         rows, features = weight.shape
         if features % 32:
-            raise ValueError(f"int4 weights need input features per rank divisible by 32, got {features}")
+            raise ValueError(f"int{bits} weights need input features per rank divisible by 32, got {features}")
         groups = weight.reshape(rows, features // 32, 32)
+        top = 2**bits - 1
         minimum = groups.amin(-1)
-        scale = (groups.amax(-1) - minimum) / 15
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, w = minimum
-        q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+        scale = _nonzero((groups.amax(-1) - minimum) / top)  # a constant group: q = 0, w = minimum
+        q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, top)
+        if bits == 8:
+            step = _nonzero(groups.abs().amax(-1) / 127)
+            q_sym = torch.round(groups / step.unsqueeze(-1)).clamp(-127, 127) + 128
+            error = (q * scale.unsqueeze(-1) + minimum.unsqueeze(-1) - groups).abs().amax(-1)
+            error_sym = ((q_sym - 128) * step.unsqueeze(-1) - groups).abs().amax(-1)
+            sym = error_sym < error
+            q = torch.where(sym.unsqueeze(-1), q_sym, q)
+            scale, minimum = torch.where(sym, step, scale), torch.where(sym, -128 * step, minimum)
+        q = q.to(torch.uint8)
+        if bits == 4:  # two per byte: byte j of a group holds q[j] and q[j + 16]
+            q = q[..., :16] | (q[..., 16:] << 4)
         del self.weight
-        self.qweight = nn.Parameter((q[..., :16] | (q[..., 16:] << 4)).reshape(rows, features // 2),
-                                    requires_grad=False)
+        self.weight_bits = bits
+        self.qweight = nn.Parameter(q.reshape(rows, -1), requires_grad=False)
         self.scale = nn.Parameter(scale.contiguous(), requires_grad=False)
         self.minimum = nn.Parameter(minimum.contiguous(), requires_grad=False)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 class FusedLinear(_LinearLayer):

@@ -76,19 +76,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return ops().linear(x, weight, bias)
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (qweight * scale[:, None])^T + bias: int8 weights with one fp32 scale per output feature,
-    streamed once when x has at most 64 rows (24 on one thread), dequantized for a GEMM otherwise
-    (csrc/linear.cpp)."""
-    return ops().linear_int8(x, qweight, scale, bias)
+    """x W^T + bias with 8-bit weights in groups of 32 (w = scale * q + minimum, q in 0..255; qweight
+    [N, K] uint8, csrc/linear_quantized.cpp): widened in registers against the fp32 inputs for up to
+    64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    return ops().linear_int8(x, qweight, scale, minimum, bias)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
-    qweight [N, K / 2] packed as csrc/linear_int4.cpp describes): unpacked in registers against the
-    fp32 inputs for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    qweight [N, K / 2] packed as csrc/linear_quantized.cpp describes): unpacked in registers against
+    the fp32 inputs for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
     return ops().linear_int4(x, qweight, scale, minimum, bias)
 
 

@@ -1,4 +1,4 @@
-// Helpers shared by the AVX2 kernels (linear.cpp, linear_int4.cpp).
+// Helpers shared by the AVX2 kernels (linear.cpp, linear_quantized.cpp).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,7 +16,7 @@ inline bool cpu_has_avx2_fma() {
 
 // Up to how many input rows the streaming kernels beat ATen's GEMM. Measured against MKL (MiniLM and
 // SmolLM2 weight sets, fp32): faster up to 64 rows on 2 threads (1.1-1.6x), on 1 thread only up to
-// 24 (MKL's blocked GEMM wins from 32 rows on). The int4 kernel takes the same limit.
+// 24 (MKL's blocked GEMM wins from 32 rows on). The int8 / int4 kernels take the same limit.
 inline int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
