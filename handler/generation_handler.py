@@ -2,13 +2,25 @@
 
 POST JSON {"prompt": ...} or {"messages": [...]} with optional sampling settings
 (handler/generation_requests.py). Not streamed: {"text", "token_ids", "finish_reason", "usage"}.
-With "stream": true, one JSON line per token as it is produced ({"token_id", "text"}: the new text),
-sent as TorchServe intermediate responses (chunked over REST, StreamPredictions over gRPC); the last
-line carries finish_reason and usage. OpenAI's v1/completions, v1/chat/completions (streamed as
-Server-Sent Events) and v1/models under /predictions/NAME/1.0/ (handler/openai_generation.py).
-The requests of one TorchServe batch generate together, one
-cache row each; a finished row stops costing. A request can fail only itself: bad input is its own
-4xx, and only a model failure answers 500 for the batch it ran in.
+With "stream": true, one JSON line per token as it is produced ({"token_id", "text"}: the new text;
+chunked over REST, StreamPredictions over gRPC); the last line carries finish_reason and usage.
+OpenAI's v1/completions, v1/chat/completions (streamed as Server-Sent Events) and v1/models under
+/predictions/NAME/1.0/ (handler/openai_generation.py). A request can fail only itself: bad input
+is its own 4xx; a model failure answers 500 for the requests it ran.
+
+Two ways to batch, chosen when the model is archived (`--continuous-batching`):
+- whole batches (default): the requests of one TorchServe batch generate together, one cache row
+  each, until the last finishes; a finished row stops costing; streamed tokens go out as TorchServe
+  intermediate responses. Requests arriving meanwhile wait for the next batch.
+- continuous batching (TorchServe's `continuousBatching`): every call of the handler is one
+  generation step. TorchServe passes the requests still running (known by their ids, sent without a
+  body) and the new ones, up to batchSize = the traced cache rows; new requests join (prefill into a
+  free cache row, first token) and the running ones get their next token. Each request answers
+  every step with its new text (streamed) or nothing (not streamed), and the whole answer when it
+  finishes. TorchServe drops a request whose client has gone away after its next chunk; missing from
+  the next call, its generation stops and its cache row is free. Costs a TorchServe round trip per
+  token, and TorchServe 0.12 ends a gRPC stream after its first chunk here (GRPCJob.isOpen() is
+  inverted), so a gRPC stream gets its whole answer as one message at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ from handler.openai_generation import final_answer, parse_openai_generation, str
 from handler.request_parsing import RequestError, request_body
 from handler.worker_threads import threads_per_rank
 from tracer.engine.generator import Generator
-from tracer.errors import ArtifactError, last_line
+from tracer.engine.running_batch import RunningBatch
+from tracer.errors import ArtifactError, GenerationRequestError, last_line
 
 logger = logging.getLogger(__name__)
 STREAM_TYPE = "application/jsonl"
@@ -52,11 +65,15 @@ class GenerationHandler(BaseHandler):
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
         self.max_new_tokens = int(settings.get("max_new_tokens", 256))
+        self.continuous = bool(config.get("continuousBatching"))
         self.generator.warm_up()
+        self.batch = RunningBatch(self.generator)
+        self.running: dict[str, GenerationRequest] = {}  # TorchServe request id -> its request
+        self.closing: dict[str, GenerationRequest] = {}  # answered over REST in one chunk, to end next step
         self.created = openai_api.created_now()
-        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d in %.1fs",
+        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d%s in %.1fs",
                     self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
-                    threads, time.time() - started)
+                    threads, " continuous batching" if self.continuous else "", time.time() - started)
         self.initialized = True
 
     def _is_explain(self) -> bool:
@@ -65,6 +82,10 @@ class GenerationHandler(BaseHandler):
     def preprocess(self, data) -> list[GenerationRequest]:
         requests = []
         for idx, row in enumerate(data):
+            request_id = self.context.request_ids[idx]
+            if request_id in self.running or request_id in self.closing:  # seen in an earlier step
+                requests.append(self.running.get(request_id) or self.closing[request_id])
+                continue
             path = openai_api.route(self.context, idx)
             try:
                 openai_api.check_route(path, (COMPLETIONS, CHAT))
@@ -84,30 +105,36 @@ class GenerationHandler(BaseHandler):
                 logger.warning("tpserve: request %d unreadable: %s", idx, last_line(exc))
                 request = GenerationRequest(route=path)
                 request.fail(400, f"could not read the request ({type(exc).__name__})")
+            request.id = request_id
+            request.grpc = isinstance(row, dict) and "json" in row
             requests.append(request)
         return requests
 
     def inference(self, requests: list[GenerationRequest], *args, **kwargs) -> list[GenerationRequest]:
+        return self._step(requests) if self.continuous else self._whole_batch(requests)
+
+    def postprocess(self, requests: list[GenerationRequest]) -> list[str | None]:
+        if self.continuous:
+            return self._step_answers(requests)
+        return [self._answer(idx, request, finished=True) for idx, request in enumerate(requests)]
+
+    # ---- whole batches ---------------------------------------------------------------------------
+    def _whole_batch(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
         good = [(idx, r) for idx, r in enumerate(requests) if r.status == 200 and r.prompt is not None]
         if not good:
             return requests
 
         def on_token(row: int, token: int | None, completion) -> None:
             idx, request = good[row]
-            if token is not None:
-                request.tokens.append(token)
-            if not request.stream:
-                return
-            if completion is not None:  # the last line goes out as the final response
-                request.last_token = token
-                return
-            text = self.generator.tokenizer.decode(request.tokens, skip_special_tokens=True)
-            delta = "" if text.endswith("\ufffd") else text[len(request.streamed_text):]  # "": half a character
-            if request.route == NATIVE:
-                self._send(idx, json.dumps({"token_id": token, "text": delta}) + "\n", STREAM_TYPE)
-            elif delta:
-                self._send(idx, stream_event(request, delta), EVENT_STREAM_TYPE)
-            request.streamed_text += delta
+            request.new_tokens = [] if token is None else [token]
+            request.tokens += request.new_tokens
+            if request.stream and completion is None:  # the last line goes out as the final response
+                chunk = self._answer(idx, request, finished=False)
+                if chunk is not None:
+                    answers = [None] * (idx + 1)
+                    answers[idx] = chunk
+                    send_intermediate_predict_response(answers, {idx: self.context.request_ids[idx]},
+                                                       "Intermediate response", 200, self.context)
 
         try:
             completions = self.generator.generate([r.prompt for _, r in good], [r.params for _, r in good], on_token)
@@ -119,34 +146,108 @@ class GenerationHandler(BaseHandler):
             request.completion = completion
         return requests
 
-    def _send(self, idx: int, chunk: str, content_type: str) -> None:
-        self.context.set_response_content_type(idx, content_type)
-        answers = [None] * (idx + 1)
-        answers[idx] = chunk
-        send_intermediate_predict_response(answers, {idx: self.context.request_ids[idx]}, "Intermediate response",
-                                           200, self.context)
+    # ---- continuous batching ---------------------------------------------------------------------
+    def _step(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        present = {request.id for request in requests}
+        self.closing = {k: r for k, r in self.closing.items() if k in present}
+        for request_id in [k for k in self.running if k not in present]:  # TorchServe dropped it: client gone
+            request = self.running.pop(request_id)
+            self.batch.leave(request_id)
+            logger.info("tpserve: request %s stopped after %d tokens: its client went away", request_id,
+                        len(request.tokens))
+        running = [r for r in requests if r.id in self.running]
+        for request in requests:  # the new ones join: each prefilled into a free cache row
+            if (request.id in self.running or request.id in self.closing or request.status != 200
+                    or request.prompt is None):
+                continue
+            try:
+                self.batch.join(request.id, request.prompt, request.params)
+                self.running[request.id] = request
+            except GenerationRequestError as exc:
+                request.fail(exc.status, str(exc))
+            except Exception as exc:  # noqa: BLE001 - the model failed: 500 for this request, the worker lives on
+                request.fail(500, f"model error: {last_line(exc)}")
+        try:
+            self.batch.step([r.id for r in running])
+        except Exception as exc:  # noqa: BLE001 - 500 for the requests of this step, the worker lives on
+            for request in running:
+                request.fail(500, f"model error: {last_line(exc)}")
+        for request in requests:
+            if request.id in self.running:
+                row = self.batch.rows[request.id]
+                request.new_tokens = row.generated[len(request.tokens):]
+                request.tokens = list(row.generated)
+                if request.status != 200 or row.finish is not None:
+                    request.completion = self.batch.completion(request.id)
+                    self.running.pop(request.id)
+                    self.batch.leave(request.id)
+        return requests
 
-    def postprocess(self, requests: list[GenerationRequest]) -> list[str]:
-        answers = []
+    def _step_answers(self, requests: list[GenerationRequest]) -> list[str | None]:
+        """This step's answer of each request that has something to send; the others (not streamed,
+        still running) are taken out of this step's response. context.stopping_criteria tells
+        TorchServe which requests are done (True), go on (False) or neither (None: no ts_stream_next
+        header, a plain HTTP response). TorchServe 0.12 over REST: a first answer marked done is sent
+        without its HTTP headers, and an error status closes the connection after the headers, so a
+        whole answer in one chunk goes out marked "go on" and is ended by an empty chunk the step
+        after, and an error goes out as a plain response (TorchServe then drops the request once its
+        connection has closed; until then it gets empty answers). A gRPC call may end with its first
+        answer (unary Predictions ends there anyway)."""
+        answers, done = [], {}
         for idx, request in enumerate(requests):
-            if request.status == 200 and request.route != NATIVE:
-                answers.append(self._openai_answer(idx, request))
-            elif request.status == 200:
-                body = answer(request)
-                if request.stream:  # the last line: what is left of the text, then finish_reason and usage
-                    body = {"token_id": request.last_token,
-                            "text": (request.completion.text or "")[len(request.streamed_text):],
-                            "finish_reason": body["finish_reason"], "usage": body["usage"]}
-                answers.append(json.dumps(body) + ("\n" if request.stream else ""))
-                self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
-            else:
-                answers.append(openai_api.route_error(self.context, idx, request.route, request.status,
-                                                      request.error))
+            if request.id in self.closing:
+                answers.append("")
+                done[idx] = None if request.status != 200 else True
+                if request.status == 200:
+                    del self.closing[request.id]
+                continue
+            finished = request.status != 200 or request.route == MODELS or request.completion is not None
+            if request.grpc and request.stream and not finished:
+                answers.append(None)  # see the module's docstring: one message at the end
+                continue
+            answers.append(self._answer(idx, request, finished))
+            if answers[-1] is not None and finished and not request.answered and not request.grpc:
+                finished = None if request.status != 200 else False
+                self.closing[request.id] = request
+            request.answered = request.answered or answers[-1] is not None
+            done[idx] = finished
+        for idx, answer_now in enumerate(answers):
+            if answer_now is None:
+                self.context.request_ids.pop(idx)  # nothing to send for it this step
+        self.context.stopping_criteria = {idx: (lambda _, stop=stop: stop) for idx, stop in done.items()}
         return answers
 
-    def _openai_answer(self, idx: int, request: GenerationRequest) -> str:
+    # ---- answers ---------------------------------------------------------------------------------
+    def _answer(self, idx: int, request: GenerationRequest, finished: bool) -> str | None:
+        """Request idx's answer: the whole of it when finished, else its new text when streamed (None:
+        nothing to send now)."""
+        if request.status != 200:
+            return openai_api.route_error(self.context, idx, request.route, request.status, request.error)
         if request.route == MODELS:
             self.context.set_response_content_type(idx, "application/json")
             return openai_api.models_answer(self.context.model_name, self.created)
-        self.context.set_response_content_type(idx, EVENT_STREAM_TYPE if request.stream else "application/json")
-        return final_answer(request)
+        if request.route != NATIVE:
+            self.context.set_response_content_type(idx, EVENT_STREAM_TYPE if request.stream else "application/json")
+            if finished:
+                return final_answer(request)
+            delta = self._delta(request)
+            return stream_event(request, delta) if request.stream and delta else None
+        self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
+        if finished:
+            body = answer(request)
+            if request.stream:  # the last line: what is left of the text, then finish_reason and usage
+                body = {"token_id": request.new_tokens[-1] if request.new_tokens else None,
+                        "text": (request.completion.text or "")[len(request.streamed_text):],
+                        "finish_reason": body["finish_reason"], "usage": body["usage"]}
+            return json.dumps(body) + ("\n" if request.stream else "")
+        if not request.stream:
+            return None
+        delta = self._delta(request)
+        return json.dumps({"token_id": request.new_tokens[-1] if request.new_tokens else None, "text": delta}) + "\n"
+
+    def _delta(self, request: GenerationRequest) -> str:
+        """The text the new tokens add ("" while they end in half a character)."""
+        text = self.generator.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        delta = "" if text.endswith("\ufffd") else text[len(request.streamed_text):]
+        request.streamed_text += delta
+        return delta

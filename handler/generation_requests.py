@@ -29,8 +29,11 @@ class GenerationRequest:
     streamed_text: str = ""
     status: int = 200
     error: str = ""
-    tokens: list[int] = field(default_factory=list)  # generated so far (streaming)
-    last_token: int | None = None  # streaming: the token of the last line (None after an EOS)
+    id: str = ""                   # TorchServe's request id: the request's key while it runs
+    grpc: bool = False             # came over gRPC (else REST)
+    answered: bool = False         # has sent a first answer (continuous batching answers every step)
+    tokens: list[int] = field(default_factory=list)      # generated so far
+    new_tokens: list[int] = field(default_factory=list)  # generated in this step (none after an EOS)
     route: str = ""                # "" (native) or an OpenAI path (handler/openai_generation.py)
     model: str = ""                # OpenAI answers: the served model's name, the response id, its time
     response_id: str = ""

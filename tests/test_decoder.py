@@ -151,6 +151,42 @@ def test_sampling_is_reproducible_by_seed_and_checked(random_llama, tmp_path):
         generator.close()
 
 
+def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(random_llama, tmp_path):
+    """Continuous batching (tracer/engine/running_batch.py): requests join between steps, each into a
+    free cache row, and leave when done or dropped; each one's tokens equal running it alone (greedy
+    and seeded sampling), whatever ran next to it and whoever held its cache row before."""
+    from tracer.engine.running_batch import RunningBatch
+
+    directory, _ = random_llama
+    generator = Generator(_trace(directory, tmp_path, 2))
+    try:
+        params = [SamplingParams(max_new_tokens=n, temperature=t, seed=7)
+                  for n, t in ((24, 0), (6, 0.8), (16, 0), (9, 1.0))]
+        alone = [generator.generate([p], q)[0].token_ids for p, q in zip(PROMPTS, params, strict=True)]
+        batch = RunningBatch(generator)
+        batch.join("a", PROMPTS[0], params[0])
+        batch.step(["a"])
+        batch.join("b", PROMPTS[1], params[1])  # joins after "a" has two tokens
+        with pytest.raises(GenerationRequestError, match="cache rows are taken"):
+            batch.join("x", PROMPTS[2], params[2])  # batch size 2: both rows taken
+        done, waiting = {}, ["c", "d"]
+        while batch.rows:
+            batch.step(list(batch.rows))
+            for key in [k for k, row in batch.rows.items() if row.finish]:
+                done[key] = batch.completion(key).token_ids
+                batch.leave(key)  # its row goes to the next request waiting
+                if waiting:
+                    i = "abcd".index(waiting[0])
+                    batch.join(waiting.pop(0), PROMPTS[i], params[i])
+        assert [done[k] for k in "abcd"] == alone
+        batch.join("e", PROMPTS[0], params[0])
+        batch.step(["e"])
+        batch.leave("e")  # dropped mid-way (its client went away): the row is free again
+        assert sorted(batch.free) == [0, 1] and not batch.rows
+    finally:
+        generator.close()
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer

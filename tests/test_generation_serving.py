@@ -5,6 +5,7 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -31,6 +32,21 @@ def llm(tmp_path_factory, llm_store):
     server = start_server(tmp_path_factory.mktemp("ts"), llm_store, "smollm2")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_continuous(tmp_path_factory, llm_store):
+    """The same shards archived with --continuous-batching, in a TorchServe of their own."""
+    subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(llm_store / "smollm2.shards"),
+                    "--model-name", "smollm2-cb", "--export-path", str(llm_store), "--archive-format", "no-archive",
+                    "--continuous-batching"], check=True, capture_output=True)
+    server = start_server(tmp_path_factory.mktemp("ts_continuous"), llm_store, "smollm2-cb")
+    yield server
+    server.stop()
+
+
+def _chat(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +101,93 @@ def test_concurrent_requests_decode_together_each_equal_to_alone(llm):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: _post(llm, {"prompt": p, "max_new_tokens": 16}), prompts))
     assert [body["token_ids"] for _, _, body in together] == alone
+
+
+def test_continuous_batching_answers_as_whole_batches_do(llm, llm_continuous):
+    """--continuous-batching (one handler call per token) changes how requests share the model, not
+    what they get: the same answers, streams, OpenAI events and errors as whole batches, over REST
+    and gRPC (a gRPC stream arrives as one message there: TorchServe 0.12's GRPCJob.isOpen() is
+    inverted, see handler/generation_handler.py)."""
+    for body in [CAPITAL, {**_chat("Count to ten."), "max_new_tokens": 5}, {"prompt": "hi", "temperature": -1},
+                 {"prompt": "\ud800"}, {"prompt": "word " * 300}, '{"prompt": ']:
+        whole, continuous = _post(llm, body), _post(llm_continuous, body)
+        assert (continuous[0], continuous[2]) == (whole[0], whole[2])
+        assert continuous[1]["content-type"] == whole[1]["content-type"]
+    assert _stream(llm_continuous, CAPITAL) == _stream(llm, CAPITAL)
+    texts = set()
+    for server in (llm, llm_continuous):
+        client = server.openai()
+        chunks = list(client.chat.completions.create(model=server.model, messages=CAPITAL["messages"],
+                                                     temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The capital of France is Paris."
+        whole = client.completions.create(model=server.model, prompt="The three primary colors are", max_tokens=8,
+                                          temperature=0)
+        assert whole.usage.completion_tokens == 8
+        texts.add(whole.choices[0].text)
+        target = f"127.0.0.1:{server.ports['grpc']}"
+        lines = list(grpc_client.stream_generate({**CAPITAL, "stream": True}, target, server.model))
+        assert "".join(line["text"] for line in lines) == "The capital of France is Paris."
+        assert lines[-1]["finish_reason"] == "stop"
+    assert len(texts) == 1
+
+
+def test_a_request_joins_a_running_generation_at_a_token_boundary(llm_continuous):
+    """Continuous batching: a request sent while another streams a long answer joins the running
+    batch at the next step and finishes while the long one is still generating (it does not wait
+    for it), with the tokens it gets alone."""
+    short = {**_chat("Name a fruit."), "max_new_tokens": 6}
+    alone = _post(llm_continuous, short)[2]["token_ids"]
+    arrived = []  # (time, line) of the long stream, read as the lines come
+
+    def read_long():
+        connection = http.client.HTTPConnection("127.0.0.1", llm_continuous.ports["inference"], timeout=120)
+        connection.request("POST", f"/predictions/{llm_continuous.model}", headers={"Content-Type": "application/json"},
+                           body=json.dumps({**_chat("Write a long story about a lighthouse."),
+                                            "max_new_tokens": 100, "stream": True}))
+        response = connection.getresponse()
+        while line := response.readline():
+            arrived.append((time.monotonic(), json.loads(line)))
+        connection.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_one = pool.submit(read_long)
+        while len(arrived) < 3 and not long_one.done():  # the long one is generating
+            time.sleep(0.01)
+        status, _, body = _post(llm_continuous, short)
+        short_done = time.monotonic()
+        long_one.result()
+    assert status == 200 and body["token_ids"] == alone and len(alone) == 6
+    assert arrived[-1][1]["usage"]["completion_tokens"] == 100
+    assert sum(t > short_done for t, _ in arrived) >= 50  # most of the long answer came after the short one
+
+
+def test_a_client_that_goes_away_stops_its_generation(llm_continuous):
+    """Continuous batching: a stream whose client disconnects stops within a step or two: TorchServe
+    drops it after its next chunk, so the next step (here: the next request's) runs without it and
+    frees its cache row. The worker keeps serving; a hostile request next to good ones fails only
+    itself."""
+    log = llm_continuous.log_dir / "model_log.log"
+    before = log.read_text().count("its client went away")
+    connection = http.client.HTTPConnection("127.0.0.1", llm_continuous.ports["inference"], timeout=120)
+    connection.request("POST", f"/predictions/{llm_continuous.model}", headers={"Content-Type": "application/json"},
+                       body=json.dumps({**_chat("Write a long story about a storm."), "max_new_tokens": 200,
+                                        "stream": True}))
+    response = connection.getresponse()
+    for _ in range(2):
+        json.loads(response.readline())
+    connection.sock.shutdown(2)
+    connection.close()
+    time.sleep(1)  # TorchServe drops the request after its next chunk; the worker then sits idle
+    assert _post(llm_continuous, CAPITAL)[2]["text"] == "The capital of France is Paris."  # the next step
+    stopped = [line for line in log.read_text().splitlines() if "its client went away" in line][before:]
+    assert stopped, "the generation went on after its client left"
+    assert int(stopped[0].split(" stopped after ")[1].split()[0]) < 50
+    bodies = [{"prompt": "\ud800"}, {**_chat("Name a color."), "max_new_tokens": 8}, '{"prompt"', CAPITAL] * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: _post(llm_continuous, b), bodies))
+    assert [status for status, _, _ in answers] == [400, 200, 400, 200] * 2
+    assert {answers[i][2]["text"] for i in (3, 7)} == {"The capital of France is Paris."}
+    assert answers[1][2]["token_ids"] == answers[5][2]["token_ids"]
 
 
 def test_sampling_is_reproducible_by_seed(llm):

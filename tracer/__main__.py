@@ -78,6 +78,10 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inputs-per-request", type=int, default=64, help="embeddings: texts in one request")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="generation: tokens generated when a request does not say")
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="generation: requests join and leave the running batch at every token, and a client "
+                        "that goes away stops its generation (costs a TorchServe round trip per token; gRPC "
+                        "streams then arrive in one message)")
     p.add_argument("--torchrun", action="store_true",
                    help="TorchServe torchrun mode: one process per rank (parallelType tp) instead of rank threads")
 
@@ -141,7 +145,8 @@ def _settings(args):
                          workers=args.workers, threads_per_rank=args.threads_per_rank,
                          response_timeout_s=args.response_timeout,
                          startup_timeout_s=args.startup_timeout, too_long=args.too_long,
-                         max_inputs_per_request=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens)
+                         max_inputs_per_request=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens,
+                         continuous_batching=args.continuous_batching)
 
 
 def _run(args) -> None:

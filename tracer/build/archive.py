@@ -37,6 +37,7 @@ class ServeSettings:
     too_long: str = "truncate"            # embeddings: or "reject" (413)
     max_inputs_per_request: int = 64      # embeddings
     max_new_tokens: int = 256             # generation: the default when a request gives none
+    continuous_batching: bool = False     # generation: join and leave at every token (handler docstring)
 
     def check(self, kind: str | None = None) -> None:
         if self.max_batch_delay_ms < 1:  # measured: a lone request then waits 100 ms for its batch
@@ -52,6 +53,8 @@ class ServeSettings:
                 raise UsageError(f"--{flag} must be >= 1, got {value}")
         if self.too_long not in ("truncate", "reject"):
             raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
+        if kind == "embedding" and self.continuous_batching:
+            raise UsageError("--continuous-batching is for generation models")
         if kind == "generation" and self.batch_size is not None:
             raise UsageError("--serve-batch-size is for embeddings: a generation model's batch is its traced "
                              "--batch-size (one KV-cache row per request)")
@@ -76,6 +79,8 @@ def model_config(manifest: Manifest, settings: ServeSettings | None = None, torc
             "too_long": s.too_long,
         },
     }
+    if generation and s.continuous_batching:  # one handler call per step (handler/generation_handler.py)
+        config["continuousBatching"] = True
     if s.threads_per_rank is not None:
         config["handler"]["threads_per_rank"] = s.threads_per_rank
     if torchrun:
