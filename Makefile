@@ -29,15 +29,16 @@ $(MAR): $(MAR_INPUTS)
 	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
 # SmolLM2's tp: 1 (2 intra-op threads) measured best on this 2-core machine (README, generation benchmark)
 LLM_TP ?= 1
-# fp32 by default; `make serve LLM_WEIGHTS=int8` for int8 weights (2.1x faster per token here, README)
+# fp32 by default; `make serve LLM_WEIGHTS=int8` for int8 weights (2.3x faster per token here, README)
 LLM_WEIGHTS ?= fp32
 # a stamp per (tp, weights): `make serve LLM_TP=2` or `LLM_WEIGHTS=int8` rebuilds SmolLM2
 LLM_STAMP := model_store/.smollm2-tp$(LLM_TP)-$(LLM_WEIGHTS)
 $(LLM_STAMP):
 	mkdir -p model_store && rm -f model_store/.smollm2-* && touch $@
+# continuous batching: a request does not wait behind a long generation (README, bench.continuous_batching)
 $(LLM): $(MAR_INPUTS) $(LLM_STAMP)
 	$(PY) -m tracer build --model smollm2 --tp-degree $(LLM_TP) --weights $(LLM_WEIGHTS) --model-name smollm2 \
-	  --export-path model_store --archive-format no-archive
+	  --export-path model_store --archive-format no-archive --continuous-batching
 
 preflight:
 	@$(PYTHON) handler/preflight.py config.properties
