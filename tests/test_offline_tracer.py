@@ -210,3 +210,7 @@ def test_serving_settings_are_archive_flags(built, tmp_path):
                           "--model-name", "m3", "--export-path", str(tmp_path), "--too-long", "drop"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--too-long" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
+                          "--model-name", "m4", "--export-path", str(tmp_path), "--continuous-batching"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == "error: --continuous-batching is for generation models\n"
