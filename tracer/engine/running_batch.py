@@ -20,9 +20,6 @@ class RunningBatch:
         self.free = list(reversed(range(generator.max_batch)))  # cache rows nobody holds
         self.rows: dict[Hashable, _Row] = {}
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self.rows
-
     def join(self, key: Hashable, prompt: list[int], params: SamplingParams) -> _Row:
         """Prefill `prompt` into a free cache row and take its first token. GenerationRequestError
         for a request the model cannot run or when every row is taken (TorchServe's batchSize is the

@@ -24,12 +24,10 @@ constexpr int64_t kMaxRows = 8;  // one pass over the weights for all rows
 // enough to stay in L2, so W still comes from memory once.
 constexpr int64_t kChunkRows = 4;  // 4 rows x 3 weight rows: 12 FMAs per 7 loads
 constexpr int64_t kTileBytes = 128 * 1024;
-// Prefetch 4 KB ahead in each weight row: the hardware prefetcher alone left 4-row steps at ~13 GB/s
-// here, with it ~17 GB/s (whole SmolLM2 weight set, 2 threads).
-constexpr int64_t kPrefetchBytes = 4096;
 
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
+using tpserve_simd::kPrefetchBytes;
 using tpserve_simd::max_streamed_rows;
 
 // R weight rows [n, n + R) times M input rows; x [M, K], w [N, K], y [M, N] (row-major).

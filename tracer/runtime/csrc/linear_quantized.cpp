@@ -33,12 +33,10 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunkRows = 4;               // input rows per pass over a tile of weights
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
-// Prefetch 4 KB ahead in each weight row (as linear.cpp does): measured on SmolLM2's weight set, one
-// row, 2 threads: int8 13.3 -> 8.6 ms, int4 7.1 -> 5.5 ms per step's linears.
-constexpr int64_t kPrefetchBytes = 4096;
 
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
+using tpserve_simd::kPrefetchBytes;
 using tpserve_simd::max_streamed_rows;
 
 // 8 q values of a group, widened to fp32.
@@ -64,8 +62,8 @@ __attribute__((target("avx2,fma"))) inline void load_group(const uint8_t* row, i
 // in registers) times the inputs, scaled by d once; plus m times the group's input sum xs.
 template <int Bits, int M, int R>
 __attribute__((target("avx2,fma"))) void group_rows(const float* x, const float* xs, int64_t m0, const uint8_t* qw,
-                                                 const float* dw, const float* mw, const float* bias, float* y,
-                                                 int64_t K, int64_t N, int64_t n) {
+                                                    const float* dw, const float* mw, const float* bias, float* y,
+                                                    int64_t K, int64_t N, int64_t n) {
   const int64_t G = K / kGroup, row_bytes = K * Bits / 8;
   __m256 acc[R][M];
   float minimum_term[R][M];
@@ -77,7 +75,7 @@ __attribute__((target("avx2,fma"))) void group_rows(const float* x, const float*
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = qw + (n + r) * row_bytes;
       load_group<Bits>(row, g, lo[r], hi[r]);
-      if (Bits == 8 || g % 2 == 0)  // one prefetch per 64-byte line
+      if (Bits == 8 || g % 2 == 0)  // int4: a 64-byte line holds two groups, one prefetch for both
         _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroup * Bits / 8) + kPrefetchBytes, _MM_HINT_T0);
     }
     __m256 sum[R][M];
@@ -117,7 +115,7 @@ __attribute__((target("avx2,fma"))) void group_rows(const float* x, const float*
 // Few enough accumulators and unpacked weights to stay in the 16 vector registers.
 template <int Bits, int M>
 void group_block(const float* in, const float* xs, int64_t m0, const uint8_t* qw, const float* dw, const float* mw,
-              const float* bias, float* y, int64_t K, int64_t N, int64_t begin, int64_t end) {
+                 const float* bias, float* y, int64_t K, int64_t N, int64_t begin, int64_t end) {
   constexpr int R = M == 1 ? 3 : (M == 2 ? 2 : 1);
   int64_t n = begin;
   for (; n + R <= end; n += R) group_rows<Bits, M, R>(in, xs, m0, qw, dw, mw, bias, y, K, N, n);

@@ -19,6 +19,11 @@ inline bool cpu_has_avx2_fma() {
 // 24 (MKL's blocked GEMM wins from 32 rows on). The int8 / int4 kernels take the same limit.
 inline int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
+// How far ahead in each weight row the kernels prefetch. Measured on the whole SmolLM2 weight set, 2
+// threads: fp32 4-row steps ~13 -> ~17 GB/s; the int8 / int4 1-row step's linears 13.3 -> 8.6 ms and
+// 7.1 -> 5.5 ms (the hardware prefetcher alone falls behind the several rows streamed at once).
+constexpr int64_t kPrefetchBytes = 4096;
+
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
