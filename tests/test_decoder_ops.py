@@ -1,8 +1,10 @@
-"""tpserve::rms_norm and tpserve::rope (csrc/decoder_ops.cpp) equal the formulas they replace, on the
-fast path and on the ATen fallback (other dtypes), and trace as single ops."""
+"""tpserve::rms_norm, tpserve::rope and tpserve::cached_attention (csrc/decoder_ops.cpp) equal the
+formulas they replace, on the fast path and on the ATen fallback (other dtypes), and trace as single
+ops."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tracer.runtime import native_ops
 
@@ -43,3 +45,45 @@ def test_traced_as_one_op_each():
                              (torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)))
     graph = str(traced.graph)
     assert "tpserve::rms_norm" in graph and "tpserve::rope" in graph and "aten::rsqrt" not in graph
+
+
+def _attention(q, cache_k, cache_v, slots, positions, kv_index, context):
+    """What the prefill graphs run: the rows' cache windows gathered, KV heads widened, SDPA with a
+    causal-by-position mask."""
+    keys = cache_k[:, :context].index_select(0, slots).index_select(2, kv_index)
+    values = cache_v[:, :context].index_select(0, slots).index_select(2, kv_index)
+    mask = (torch.arange(context).view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("b, length, heads, kv_index, context", [
+    (1, 1, 9, [0, 0, 0, 1, 1, 1, 2, 2, 2], 128),  # SmolLM2 at tp 1: grouped query heads
+    (4, 1, 4, [0, 1, 1, 0], 64),                   # replicated / overlapping KV heads, a full step
+    (2, 5, 2, [0, 1], 32),                         # several tokens per row
+])
+def test_cached_attention_equals_sdpa_over_the_cache(b, length, heads, kv_index, context):
+    g = torch.Generator().manual_seed(b * 10 + heads)
+    rows, kv = 5, max(kv_index) + 1
+    cache_k, cache_v = torch.randn(rows, 256, kv, 64, generator=g), torch.randn(rows, 256, kv, 64, generator=g)
+    fused = torch.randn(b, length, heads * 64 + 64, generator=g)  # a projection's output, sliced
+    q = fused[..., : heads * 64].unflatten(-1, (heads, 64))
+    slots = torch.randperm(rows, generator=g)[:b]
+    # positions: the first key, the middle, the window's last and past the window (sees all of it)
+    starts = torch.tensor([0, context // 2, context - length, context + 7])[:b] if b > 1 else torch.tensor([37])
+    positions = starts.unsqueeze(1) + torch.arange(length)
+    kv_index = torch.tensor(kv_index)
+    expected = _attention(q, cache_k, cache_v, slots, positions, kv_index, context)
+    got = native_ops.cached_attention(q, cache_k, cache_v, slots, positions, kv_index, context, 64 ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    fallback = native_ops.cached_attention(q.double(), cache_k.double(), cache_v.double(), slots, positions,
+                                           kv_index, context, 64 ** -0.5)  # ATen fallback
+    torch.testing.assert_close(fallback, expected.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_cached_attention_refuses_a_slot_outside_the_cache():
+    cache = torch.zeros(2, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        native_ops.cached_attention(torch.zeros(1, 1, 1, 64), cache, cache, torch.tensor([2]), torch.tensor([[0]]),
+                                    torch.tensor([0]), 16, 0.125)

@@ -148,6 +148,10 @@ class Attention(nn.Module):
         rows = slots.unsqueeze(1).expand(b, length)
         self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
         self.cache_v.index_put_((rows, positions), v)
+        if _CPU_BACKEND and length == 1:  # a generation step: one op reads each row's cache row in place
+            out = native_ops.cached_attention(q, self.cache_k, self.cache_v, slots, positions, self.kv_index,
+                                              self.context, self.head_dim ** -0.5)
+            return self.o_proj(out.view(b, length, self.local_heads * self.head_dim))
         # this graph's window of the cache rows, without a copy where the layout allows: one row (a
         # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
         # row i's cache row i, as the generator puts each row at its slot (idle rows write to the
@@ -225,8 +229,11 @@ class Decoder(nn.Module):
         cos = (angles.cos() * self.attention_scaling).unsqueeze(2)  # [b, L, 1, head_dim]
         sin = (angles.sin() * self.attention_scaling).unsqueeze(2)
         # causal by position, once for every layer: row i's token at p attends cache positions <= p
-        key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
-        mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
+        # (a generation step on the CPU backend masks inside tpserve::cached_attention)
+        mask = None
+        if not (_CPU_BACKEND and input_ids.shape[1] == 1):
+            key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
+            mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, slots, mask)
         x = x[torch.arange(x.shape[0]), last]  # only the rows' last real tokens reach the LM head

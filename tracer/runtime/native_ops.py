@@ -1,5 +1,5 @@
 """Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear,
-the decoder's RMS norm and rotary embedding) as one
+the decoder's RMS norm, rotary embedding and cached attention) as one
 library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
@@ -95,6 +95,15 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)) as one op (csrc/decoder_ops.cpp)."""
     return ops().rms_norm(x, weight, eps)
+
+
+def cached_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, kv_index: torch.Tensor, context: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the first `context` positions of each row's cache row (`slots`),
+    causal by position, query head h reading KV head kv_index[h]: q [b, L, heads, D], caches [rows,
+    max_context, KV heads, D] -> [b, L, heads, D], as one op reading the caches in place
+    (csrc/decoder_ops.cpp)."""
+    return ops().cached_attention(q, cache_k, cache_v, slots, positions, kv_index, context, scale)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
