@@ -145,13 +145,13 @@ class Attention(nn.Module):
         q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
         v = v.view(b, length, self.local_kv, self.head_dim)
+        if _CPU_BACKEND and length == 1:  # a generation step: one op writes and reads the cache rows in place
+            out = native_ops.cached_attention(q, k, v, self.cache_k, self.cache_v, slots, positions, self.kv_index,
+                                              self.context, self.head_dim ** -0.5)
+            return self.o_proj(out.view(b, length, self.local_heads * self.head_dim))
         rows = slots.unsqueeze(1).expand(b, length)
         self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
         self.cache_v.index_put_((rows, positions), v)
-        if _CPU_BACKEND and length == 1:  # a generation step: one op reads each row's cache row in place
-            out = native_ops.cached_attention(q, self.cache_k, self.cache_v, slots, positions, self.kv_index,
-                                              self.context, self.head_dim ** -0.5)
-            return self.o_proj(out.view(b, length, self.local_heads * self.head_dim))
         # this graph's window of the cache rows, without a copy where the layout allows: one row (a
         # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
         # row i's cache row i, as the generator puts each row at its slot (idle rows write to the

@@ -97,13 +97,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return ops().rms_norm(x, weight, eps)
 
 
-def cached_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, kv_index: torch.Tensor, context: int, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the first `context` positions of each row's cache row (`slots`),
-    causal by position, query head h reading KV head kv_index[h]: q [b, L, heads, D], caches [rows,
-    max_context, KV heads, D] -> [b, L, heads, D], as one op reading the caches in place
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     slots: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor, context: int,
+                     scale: float) -> torch.Tensor:
+    """Writes the new keys and values k, v [b, L, KV heads, D] in place into the caches [rows,
+    max_context, KV heads, D] at (slots[i], positions[i, l]), then softmax(q k^T * scale) v over the
+    first `context` positions of each row's cache row, causal by position, query head h reading KV
+    head kv_index[h]: q [b, L, heads, D] -> [b, L, heads, D]; one op, the caches read where they lie
     (csrc/decoder_ops.cpp)."""
-    return ops().cached_attention(q, cache_k, cache_v, slots, positions, kv_index, context, scale)
+    return ops().cached_attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, scale)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

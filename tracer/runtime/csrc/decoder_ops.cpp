@@ -9,6 +9,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -65,14 +66,18 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
-// softmax(q k^T * scale) v for each query token over the first `context` positions of its cache row,
-// causal by position (key j is seen by a token at position p when j <= p): q [b, L, H, D], caches
+// The new keys and values k, v [b, L, KV, D] written in place at cache_k/v[slots[i], positions[i, l]],
+// then softmax(q k^T * scale) v for each query token over the first `context` positions of its cache
+// row, causal by position (key j is seen by a token at position p when j <= p): q [b, L, H, D], caches
 // [rows, max_context, KV, D], slots [b] (the cache row of each of q's rows), positions [b, L],
 // kv_index [H] (the KV head each query head reads). Returns [b, L, H, D]. The caches are read where
 // they lie: no gathered copy of the rows, no mask tensor, no transposes.
-at::Tensor attention_formula(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
-                             const at::Tensor& slots, const at::Tensor& positions, const at::Tensor& kv_index,
-                             int64_t context, double scale) {
+at::Tensor attention_formula(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
+                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
+                             const at::Tensor& kv_index, int64_t context, double scale) {
+  const at::Tensor rows = slots.unsqueeze(1).expand(positions.sizes());
+  cache_k.index_put_({rows, positions}, k);
+  cache_v.index_put_({rows, positions}, v);
   const at::Tensor keys = cache_k.index_select(0, slots).narrow(1, 0, context).index_select(2, kv_index);
   const at::Tensor values = cache_v.index_select(0, slots).narrow(1, 0, context).index_select(2, kv_index);
   at::Tensor scores = at::einsum("blhd,bchd->bhlc", {q, keys}) * scale;
@@ -103,24 +108,34 @@ __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float*
   }
 }
 
-at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
-                            const at::Tensor& slots, const at::Tensor& positions, const at::Tensor& kv_index,
-                            int64_t context, double scale) {
+at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
+                            at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
+                            const at::Tensor& kv_index, int64_t context, double scale) {
   const bool fast = q.device().is_cpu() && q.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
-                    cache_v.scalar_type() == at::kFloat && q.dim() == 4 && cache_k.dim() == 4 &&
+                    cache_v.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                    v.scalar_type() == at::kFloat && q.dim() == 4 && cache_k.dim() == 4 &&
                     cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() && cache_v.is_contiguous() &&
                     q.size(3) == cache_k.size(3) && q.size(3) % 8 == 0 && context <= cache_k.size(1) &&
-                    slots.numel() == q.size(0) && positions.sizes() == q.sizes().slice(0, 2) &&
-                    kv_index.numel() == q.size(2) && !q.requires_grad() && tpserve_simd::cpu_has_avx2_fma();
-  if (!fast) return attention_formula(q, cache_k, cache_v, slots, positions, kv_index, context, scale);
-  const at::Tensor qc = q.contiguous();
+                    k.sizes() == v.sizes() && k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                    k.size(2) == cache_k.size(2) && k.size(3) == q.size(3) && slots.numel() == q.size(0) &&
+                    positions.sizes() == q.sizes().slice(0, 2) && kv_index.numel() == q.size(2) &&
+                    !q.requires_grad() && tpserve_simd::cpu_has_avx2_fma();
+  if (!fast) return attention_formula(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, scale);
+  const at::Tensor qc = q.contiguous(), kc_new = k.contiguous(), vc_new = v.contiguous();
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const at::Tensor kvi = kv_index.to(at::kLong).contiguous();
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t rows = cache_k.size(0), C = cache_k.size(1), KV = cache_k.size(2);
   const int64_t *sp = sl.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>(), *kp = kvi.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < rows, "cached_attention: slot out of range");
+  for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < C, "cached_attention: position out of range");
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kp[h] >= 0 && kp[h] < KV, "cached_attention: kv_index out of range");
+  // the new tokens' keys and values into their cache rows: O(new tokens)
+  for (int64_t i = 0; i < B * L; ++i) {
+    const int64_t at = (sp[i / L] * C + pp[i]) * KV * D;
+    std::copy_n(kc_new.data_ptr<float>() + i * KV * D, KV * D, cache_k.data_ptr<float>() + at);
+    std::copy_n(vc_new.data_ptr<float>() + i * KV * D, KV * D, cache_v.data_ptr<float>() + at);
+  }
   at::Tensor out = at::empty_like(qc);
   const float *qp = qc.data_ptr<float>(), *kc = cache_k.data_ptr<float>(), *vc = cache_v.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -150,8 +165,8 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& cache_k, cons
 TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("cached_attention(Tensor q, Tensor cache_k, Tensor cache_v, Tensor slots, Tensor positions, "
-        "Tensor kv_index, int context, float scale) -> Tensor");
+  m.def("cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
+        "Tensor positions, Tensor kv_index, int context, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) {
