@@ -15,71 +15,22 @@
 
 #include <immintrin.h>
 
+#include "fp32_rows.h"
 #include "simd.h"
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // one pass over the weights for all rows
+using tpserve_fp32::kKernels;
+using tpserve_fp32::kMaxRows;  // one pass over the weights for all rows
+using tpserve_fp32::RowsKernel;
 // More rows, up to max_streamed_rows() (simd.h): passes of kChunkRows rows over tiles of W small
 // enough to stay in L2, so W still comes from memory once.
 constexpr int64_t kChunkRows = 4;  // 4 rows x 3 weight rows: 12 FMAs per 7 loads
 constexpr int64_t kTileBytes = 128 * 1024;
 
 using tpserve_simd::cpu_has_avx2_fma;
-using tpserve_simd::horizontal_sum;
 using tpserve_simd::kPrefetchBytes;
 using tpserve_simd::max_streamed_rows;
-
-// R weight rows [n, n + R) times M input rows; x [M, K], w [N, K], y [M, N] (row-major). Prefetches
-// each weight row `ahead` bytes on (0: the tile is already on its way to the cache).
-template <int M, int R>
-__attribute__((target("avx2,fma"))) void weight_rows(const float* x, const float* w, const float* bias, float* y,
-                                                     int64_t K, int64_t N, int64_t n, int64_t ahead) {
-  __m256 acc[R][M];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float* row = w + (n + r) * K + k;
-      wv[r] = _mm256_loadu_ps(row);
-      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(row) + ahead, _MM_HINT_T0);
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const float* row = w + (n + r) * K;
-    for (int m = 0; m < M; ++m) {
-      float s = horizontal_sum(acc[r][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += row[kk] * x[m * K + kk];
-      y[m * N + n + r] = bias ? s + bias[n + r] : s;
-    }
-  }
-}
-
-// Enough independent accumulators to hide the FMA latency, few enough to stay in 16 registers.
-template <int M>
-void rows_kernel(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int64_t begin,
-                 int64_t end, int64_t ahead) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 3 : (M <= 6 ? 2 : 1));
-  int64_t n = begin;
-  for (; n + R <= end; n += R) weight_rows<M, R>(x, w, bias, y, K, N, n, ahead);
-  for (; n < end; ++n) weight_rows<M, 1>(x, w, bias, y, K, N, n, ahead);
-}
-
-using RowsKernel = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                            int64_t);
-constexpr RowsKernel kKernels[kMaxRows] = {rows_kernel<1>, rows_kernel<2>, rows_kernel<3>, rows_kernel<4>,
-                                           rows_kernel<5>, rows_kernel<6>, rows_kernel<7>, rows_kernel<8>};
 
 // y = x W^T + bias for x of at most max_streamed_rows() rows; output features split over the threads,
 // each thread streaming its own contiguous block of W (tile by tile beyond kMaxRows rows).

@@ -23,6 +23,7 @@
 
 #include <immintrin.h>
 
+#include "fp32_rows.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -33,6 +34,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunkRows = 4;               // input rows per pass over a tile of weights
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
+constexpr int64_t kFloatTileBytes = 128 * 1024;  // a prompt's tile of dequantized weights (linear.cpp's)
 
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
@@ -128,6 +130,28 @@ template <int Bits>
 constexpr GroupBlock kBlocks[kChunkRows] = {group_block<Bits, 1>, group_block<Bits, 2>, group_block<Bits, 3>,
                                             group_block<Bits, 4>};
 
+// Weight rows [n0, n1) dequantized into w (fp32, [n1 - n0, K]).
+template <int Bits>
+__attribute__((target("avx2,fma"))) void dequantize_rows(const uint8_t* qw, const float* dw, const float* mw, float* w,
+                                                         int64_t K, int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup, row_bytes = K * Bits / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * row_bytes;
+    float* out = w + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      __m128i lo, hi;
+      load_group<Bits>(row, g, lo, hi);
+      if (Bits == 8 || g % 2 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroup * Bits / 8) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256 d = _mm256_broadcast_ss(dw + n * G + g), m = _mm256_broadcast_ss(mw + n * G + g);
+      _mm256_storeu_ps(out + g * kGroup, _mm256_fmadd_ps(q8(lo), d, m));
+      _mm256_storeu_ps(out + g * kGroup + 8, _mm256_fmadd_ps(q8(_mm_unpackhi_epi64(lo, lo)), d, m));
+      _mm256_storeu_ps(out + g * kGroup + 16, _mm256_fmadd_ps(q8(hi), d, m));
+      _mm256_storeu_ps(out + g * kGroup + 24, _mm256_fmadd_ps(q8(_mm_unpackhi_epi64(hi, hi)), d, m));
+    }
+  }
+}
+
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minimum, int bits) {
   const int64_t N = qweight.size(0), G = scale.size(1);
   at::Tensor values = qweight.view({N, G, kGroup * bits / 8});
@@ -168,6 +192,24 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = K * Bits / 8;
   const int64_t grain = std::max<int64_t>(64, (32 * 1024) / row_bytes);
+  if (M > tpserve_fp32::kMaxRows) {
+    // a prompt: compute-bound, where widening the q values for every pass over the input rows costs
+    // more than the multiply; each tile of weights is dequantized once into an L2-sized fp32 buffer
+    // and multiplied by linear.cpp's kernel (SmolLM2's weight set, 48 rows, 2 threads: int4 ~110 ->
+    // ~70 ms, as fp32)
+    const int64_t tile_rows = std::max<int64_t>(8, kFloatTileBytes / (K * static_cast<int64_t>(sizeof(float))));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> w(std::min(tile_rows, end - begin) * K);
+      for (int64_t t0 = begin; t0 < end; t0 += tile_rows) {
+        const int64_t t1 = std::min(end, t0 + tile_rows);
+        dequantize_rows<Bits>(qw, dw, mw, w.data(), K, t0, t1);
+        for (int64_t m0 = 0; m0 < M; m0 += kChunkRows)
+          tpserve_fp32::kKernels[std::min(kChunkRows, M - m0) - 1](in + m0 * K, w.data(), bp ? bp + t0 : nullptr,
+                                                                  yp + m0 * N + t0, K, N, 0, t1 - t0, 0);
+      }
+    });
+    return y;
+  }
   const int64_t tile = std::max<int64_t>(8, kTileBytes / row_bytes);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
