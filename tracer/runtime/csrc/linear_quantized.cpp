@@ -114,11 +114,14 @@ __attribute__((target("avx2,fma"))) void group_rows(const float* x, const float*
     }
 }
 
-// Few enough accumulators and unpacked weights to stay in the 16 vector registers.
+// int4: few enough accumulators and unpacked weights to stay in the 16 vector registers. int8: one
+// weight row at a time, one sequential stream per thread, which the hardware prefetcher follows
+// (A/B, SmolLM2's int8 weight set read from memory, 2 threads: a 1-row step's linears 8.9-9.1 -> 6.0-6.3
+// ms, its 28 MB LM head alone 1.56 -> 0.99 ms; 2 rows 8.3-8.9 -> 7.1-7.8; int4, compute-bound, gains nothing).
 template <int Bits, int M>
 void group_block(const float* in, const float* xs, int64_t m0, const uint8_t* qw, const float* dw, const float* mw,
                  const float* bias, float* y, int64_t K, int64_t N, int64_t begin, int64_t end) {
-  constexpr int R = M == 1 ? 3 : (M == 2 ? 2 : 1);
+  constexpr int R = Bits == 8 ? 1 : (M == 1 ? 3 : (M == 2 ? 2 : 1));
   int64_t n = begin;
   for (; n + R <= end; n += R) group_rows<Bits, M, R>(in, xs, m0, qw, dw, mw, bias, y, K, N, n);
   for (; n < end; ++n) group_rows<Bits, M, 1>(in, xs, m0, qw, dw, mw, bias, y, K, N, n);
