@@ -177,8 +177,10 @@ class RankProcesses:
                 conn.send(None)
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
+        # a broken executor's silent rank will not exit on its own: 1 s, not 10, before it is killed
+        grace_s = 1 if self._broken is not None else 10
         for process in self._processes:
-            process.join(timeout=10)
+            process.join(timeout=grace_s)
             if process.is_alive():
                 process.kill()
                 process.join()

@@ -9,9 +9,10 @@
 // 16-byte block per group where byte j holds q[j] (low nibble) and q[j + 16] (high nibble). scale and
 // minimum [N, K / 32] fp32.
 //
-// Up to 64 input rows (24 on one thread), in one op call: each group's q values are widened to fp32
+// Up to 8 input rows (generation steps), in one op call: each group's q values are widened to fp32
 // in registers and multiplied with the fp32 inputs, the sum scaled by d once, plus m times the
-// group's input sum (computed once per call). Measured on SmolLM2 (A/B, whole weight set, 2 threads:
+// group's input sum (computed once per call); 9-64 rows (prompts): tiles of weights dequantized
+// into an L2-sized fp32 buffer for the fp32 kernel. Measured on SmolLM2 (A/B, whole weight set, 2 threads:
 // int4 6.6 vs 7.2 ms per 1-row step against dequantizing every weight, q * d + m, in registers).
 // Quantizing the inputs to int8 per group as well (llama.cpp's way, integer maddubs dot products)
 // was faster still but changed SmolLM2's greedy answer to the capital-of-France question, so the
@@ -32,6 +33,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
+constexpr int64_t kMaxRows = 64;                // beyond: dequantized for a GEMM
 constexpr int64_t kChunkRows = 4;               // input rows per pass over a tile of weights
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
 constexpr int64_t kFloatTileBytes = 128 * 1024;  // a prompt's tile of dequantized weights (linear.cpp's)
@@ -39,7 +41,6 @@ constexpr int64_t kFloatTileBytes = 128 * 1024;  // a prompt's tile of dequantiz
 using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::horizontal_sum;
 using tpserve_simd::kPrefetchBytes;
-using tpserve_simd::max_streamed_rows;
 
 // 8 q values of a group, widened to fp32.
 __attribute__((target("avx2,fma"))) inline __m256 q8(__m128i bytes) {
@@ -173,7 +174,9 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
               op, ": one scale and one minimum per group of 32 weights");
   TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weights ", K);
   const int64_t M = x.numel() / K;
-  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M > 0 && M <= max_streamed_rows() &&
+  // up to 64 rows on any thread count: dequantizing tile by tile beats dequantizing the whole matrix
+  // for MKL, which tpserve::linear's one-thread limit (24 rows, fp32 weights ready) does not account for
+  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M > 0 && M <= kMaxRows &&
                       scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat &&
                       scale.is_contiguous() && minimum.is_contiguous() && !x.requires_grad() &&
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && cpu_has_avx2_fma();
