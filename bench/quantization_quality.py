@@ -55,6 +55,40 @@ def main() -> None:
     print(f"random Llama (4 layers, hidden 256, 8 heads / 2 KV heads, vocabulary 49152, std 0.1), "
           f"{len(tokens)} tokens of tests/data/quality_text.txt; HF fp32 perplexity {hf_perplexity:.1f}")
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"], rows))
+    sensitivity(config, tokens)
+
+
+def sensitivity(config, tokens: list[int]) -> None:
+    """How far any rounding of this model's linear weights moves its next tokens: Hugging Face eager
+    with the weights rounded to fp16, bf16 (an 8-bit mantissa), int8 groups of 32 (simulated) or
+    multiplied by 1 + 1e-3 noise, top-1 agreement with its fp32 self."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()  # the same seed: the same weights as above
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        reference = model(ids).logits[0, :-1]
+    top2 = reference.topk(2, -1).values
+
+    def int8_groups(w: torch.Tensor) -> torch.Tensor:
+        g = w.reshape(w.shape[0], -1, 32)
+        low = g.amin(-1, keepdim=True)
+        step = (g.amax(-1, keepdim=True) - low) / 255
+        return (torch.round((g - low) / step) * step + low).reshape(w.shape)
+
+    rows = []
+    for name, rounding in [("fp16", lambda w: w.half().float()), ("bf16", lambda w: w.bfloat16().float()),
+                           ("int8, groups of 32 (min-max)", int8_groups),
+                           ("fp32 × (1 + 1e-3 noise)", lambda w: w * (1 + 1e-3 * torch.randn_like(w)))]:
+        model.load_state_dict({k: rounding(v) if v.dim() == 2 and "embed" not in k else v for k, v in state.items()})
+        with torch.no_grad():
+            agreement = (model(ids).logits[0, :-1].argmax(-1) == reference.argmax(-1)).float().mean()
+        rows.append([name, f"{agreement:.1%}"])
+    print(f"its sensitivity (Hugging Face eager, linear weights rounded; median gap between its top two "
+          f"logits {(top2[:, 0] - top2[:, 1]).median():.2f}, logit std {reference.std():.2f}):")
+    print(table(["linear weights", "top-1 agreement with fp32"], rows))
 
 
 if __name__ == "__main__":
