@@ -80,7 +80,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 8-bit weights in groups of 32 (w = scale * q + minimum, q in 0..255; qweight
     [N, K] uint8, csrc/linear_quantized.cpp): widened in registers against the fp32 inputs for up to
-    64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized for a GEMM beyond."""
     return ops().linear_int8(x, qweight, scale, minimum, bias)
 
 
@@ -88,7 +88,8 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
     qweight [N, K / 2] packed as csrc/linear_quantized.cpp describes): unpacked in registers against
-    the fp32 inputs for up to 64 rows (24 on one thread), dequantized for a GEMM otherwise."""
+    the fp32 inputs for up to 8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized
+    for a GEMM beyond."""
     return ops().linear_int4(x, qweight, scale, minimum, bias)
 
 

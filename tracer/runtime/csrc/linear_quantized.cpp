@@ -33,7 +33,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kMaxRows = 64;                // beyond: dequantized for a GEMM
+constexpr int64_t kMaxTiledRows = 64;           // beyond: dequantized for a GEMM
 constexpr int64_t kChunkRows = 4;               // input rows per pass over a tile of weights
 constexpr int64_t kTileBytes = 64 * 1024;       // packed weights per tile: stays in L2 across passes
 constexpr int64_t kFloatTileBytes = 128 * 1024;  // a prompt's tile of dequantized weights (linear.cpp's)
@@ -176,19 +176,13 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
   const int64_t M = x.numel() / K;
   // up to 64 rows on any thread count: dequantizing tile by tile beats dequantizing the whole matrix
   // for MKL, which tpserve::linear's one-thread limit (24 rows, fp32 weights ready) does not account for
-  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M > 0 && M <= kMaxRows &&
+  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M > 0 && M <= kMaxTiledRows &&
                       scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat &&
                       scale.is_contiguous() && minimum.is_contiguous() && !x.requires_grad() &&
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && cpu_has_avx2_fma();
   if (!stream) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
   const at::Tensor xc = x.contiguous();
   const float* in = xc.data_ptr<float>();
-  std::vector<float> xs(M * (K / kGroup));  // each input group's sum, for the minimum term
-  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
-    float sum = 0.f;
-    for (int64_t j = 0; j < kGroup; ++j) sum += in[i * kGroup + j];
-    xs[i] = sum;
-  }
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
@@ -201,8 +195,8 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
   if (M > tpserve_fp32::kMaxRows) {
     // a prompt: compute-bound, where widening the q values for every pass over the input rows costs
     // more than the multiply; each tile of weights is dequantized once into an L2-sized fp32 buffer
-    // and multiplied by linear.cpp's kernel (SmolLM2's weight set, 48 rows, 2 threads: int4 ~110 ->
-    // ~70 ms, as fp32)
+    // and multiplied by linear.cpp's kernel (SmolLM2's weight set, 48 rows, 2 threads: int4 111 -> 77
+    // ms, int8 109 -> 80; one thread, against dequantizing the whole matrix for MKL: int4 440 -> 148)
     const int64_t tile_rows = std::max<int64_t>(8, kFloatTileBytes / (K * static_cast<int64_t>(sizeof(float))));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> w(std::min(tile_rows, end - begin) * K);
@@ -215,6 +209,12 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
       }
     });
     return y;
+  }
+  std::vector<float> xs(M * (K / kGroup));  // each input group's sum, for the minimum term
+  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+    float sum = 0.f;
+    for (int64_t j = 0; j < kGroup; ++j) sum += in[i * kGroup + j];
+    xs[i] = sum;
   }
   const int64_t tile = std::max<int64_t>(8, kTileBytes / row_bytes);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
