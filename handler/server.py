@@ -174,7 +174,8 @@ def describe_model(store: Path, entry: str) -> str:
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         source = "/".join(Path(info.get("source", "?")).parts[-2:])
         if info.get("kind") == "generation":
-            return (f"serving {name}: generation, {source}, tp={manifest['tp_degree']}, prompt buckets="
+            return (f"serving {name}: generation, {source}, tp={manifest['tp_degree']}, "
+                    f"{info['decoder'].get('weights', 'fp32')} weights, prompt buckets="
                     f"{info['prefill_buckets']}, max context {info['decoder']['max_context']}, "
                     f"batch {info['decoder']['max_batch']}; {path} built {built}")
         return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, buckets={[s[1] for s in shapes]}"
