@@ -131,13 +131,15 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < C, "cached_attention: position out of range");
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kp[h] >= 0 && kp[h] < KV, "cached_attention: kv_index out of range");
   // the new tokens' keys and values into their cache rows: O(new tokens)
+  float *kc = cache_k.data_ptr<float>(), *vc = cache_v.data_ptr<float>();
+  const float *kn = kc_new.data_ptr<float>(), *vn = vc_new.data_ptr<float>();
   for (int64_t i = 0; i < B * L; ++i) {
     const int64_t at = (sp[i / L] * C + pp[i]) * KV * D;
-    std::copy_n(kc_new.data_ptr<float>() + i * KV * D, KV * D, cache_k.data_ptr<float>() + at);
-    std::copy_n(vc_new.data_ptr<float>() + i * KV * D, KV * D, cache_v.data_ptr<float>() + at);
+    std::copy_n(kn + i * KV * D, KV * D, kc + at);
+    std::copy_n(vn + i * KV * D, KV * D, vc + at);
   }
   at::Tensor out = at::empty_like(qc);
-  const float *qp = qc.data_ptr<float>(), *kc = cache_k.data_ptr<float>(), *vc = cache_v.data_ptr<float>();
+  const float* qp = qc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t stride = KV * D;
   // one task per (row, token, head); a task reads at most `context` keys and values of D floats
@@ -146,15 +148,12 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<float> scores(context);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t token = t / H, h = t % H, row = token / L;
-      // no key is seen by a position below 0; all `context` keys by a position at or past its end
-      const int64_t seen = std::min<int64_t>(context, std::max<int64_t>(0, pp[token] + 1));
+      // positions are checked >= 0 above, so every token sees at least key 0; all `context` keys at
+      // or past the window's end
+      const int64_t seen = std::min<int64_t>(context, pp[token] + 1);
       const int64_t base = sp[row] * C * stride + kp[h] * D;
-      float* o = op + t * D;
-      if (seen == 0) {  // SDPA would give NaN; such rows are idle rows whose output is not used
-        std::fill(o, o + D, 0.0f);
-        continue;
-      }
-      attend_one(qp + t * D, kc + base, vc + base, stride, seen, D, static_cast<float>(scale), scores.data(), o);
+      attend_one(qp + t * D, kc + base, vc + base, stride, seen, D, static_cast<float>(scale), scores.data(),
+                 op + t * D);
     }
   });
   return out;

@@ -16,7 +16,8 @@ inline bool cpu_has_avx2_fma() {
 
 // Up to how many input rows the streaming kernels beat ATen's GEMM. Measured against MKL (MiniLM and
 // SmolLM2 weight sets, fp32): faster up to 64 rows on 2 threads (1.1-1.6x), on 1 thread only up to
-// 24 (MKL's blocked GEMM wins from 32 rows on). The int8 / int4 kernels take the same limit.
+// 24 (MKL's blocked GEMM wins from 32 rows on). The int8 / int4 kernels stream up to 64 rows on any
+// thread count (linear_quantized.cpp: their alternative is dequantizing the whole matrix).
 inline int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
 // How far ahead in each weight row the kernels prefetch. Measured on the whole SmolLM2 weight set, 2
