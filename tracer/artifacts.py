@@ -96,10 +96,14 @@ class Manifest:
     tpserve_version: str = dataclasses.field(default_factory=tpserve_version)
 
     def sequence_buckets(self) -> list[int]:
-        """The sequence length (dim 1 of the first input) of each bucket."""
-        return [b["inputs"][0]["shape"][1] for b in self.buckets]
+        """The sequence length of each bucket: the last dim of the first input (input_ids [rows,
+        length], or an encoder's packed tokens [T])."""
+        return [b["inputs"][0]["shape"][-1] for b in self.buckets]
 
     def batch_size(self) -> int:
+        """Rows per call (dim 0 of the first input), or texts per call of a packed encoder."""
+        if self.model and self.model.get("layout") == "packed":
+            return int(self.model["texts_per_call"])
         return self.buckets[0]["inputs"][0]["shape"][0]
 
     def write(self, root: Path) -> None:

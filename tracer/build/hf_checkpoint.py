@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..bucketing import BucketModelConfig, check_buckets, half_steps, sequence_length_bucket_kernel
+from ..bucketing import (
+    BucketModelConfig,
+    check_buckets,
+    half_steps,
+    packed_token_buckets,
+    packed_tokens_bucket_kernel,
+    sequence_length_bucket_kernel,
+)
 from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
@@ -40,9 +47,13 @@ def max_seq_length(model_dir: Path, config: dict) -> int:
 
 
 def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, batch_size: int,
-                     max_parallel_compilations: int | None = None) -> tuple[dict, list[int], int]:
-    """Everything that can be wrong, checked before tracing, the architecture first.
-    Returns (HF config, buckets, max_seq_length); buckets=None: 16, 32, ... up to max_seq_length."""
+                     max_parallel_compilations: int | None = None,
+                     layout: str | None = None) -> tuple[dict, list[int], int, str]:
+    """Everything that can be wrong, checked before tracing, the architecture first. Returns (HF
+    config, buckets, max_seq_length, layout). layout None: packed for a sentence-transformers model,
+    padded for a plain BERT (its output is per token). buckets=None: padded 16, 32, 48, ... up to
+    max_seq_length; packed, tokens per call: the same, then on up to batch_size texts' worth (at most
+    1024, packed_token_buckets)."""
     config = read_config(model_dir)
     if config["model_type"] != "bert":
         raise UsageError(f"{model_dir}: a {config['model_type']} checkpoint is not an embedding model")
@@ -51,29 +62,40 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"{model_dir}: no tokenizer.json (a fast tokenizer file is required)")
     try:
-        sentence_transformers_settings(model_dir)
+        sentence = sentence_transformers_settings(model_dir)
     except ValueError as exc:
         raise UsageError(f"{model_dir}: {exc}") from None
+    if layout not in (None, "packed", "padded"):
+        raise UsageError(f"--layout must be packed or padded, got {layout!r}")
+    if layout == "packed" and sentence is None:
+        raise UsageError(f"--layout packed: {model_dir} is a plain BERT (no sentence-transformers modules.json); "
+                         "its per-token output is served padded")
+    layout = layout or ("packed" if sentence is not None else "padded")
     if tp_degree < 1:
         raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
     for name in ("num_attention_heads", "intermediate_size"):
         if config[name] % tp_degree:
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     max_tokens = max_seq_length(model_dir, config)
     try:
         # half steps: a text is padded by at most a half (measured: batches of mixed texts 1.06x faster
         # than with powers of two, README)
-        buckets = check_buckets(half_steps(16, max_tokens) if buckets is None else buckets)
+        if buckets is None:
+            buckets = packed_token_buckets(max_tokens, batch_size) if layout == "packed" else half_steps(16, max_tokens)
+        buckets = check_buckets(buckets)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
-    if buckets[-1] > config["max_position_embeddings"]:
+    if layout == "packed" and buckets[-1] > batch_size * max_tokens:
+        raise UsageError(f"--buckets: {buckets[-1]} tokens is more than one call holds ({batch_size} texts "
+                         f"(--batch-size) of up to {max_tokens} tokens)")
+    if layout == "padded" and buckets[-1] > config["max_position_embeddings"]:
         raise UsageError(f"--buckets: {buckets[-1]} exceeds max_position_embeddings="
                          f"{config['max_position_embeddings']}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if max_parallel_compilations is not None and max_parallel_compilations < 1:
         raise UsageError(f"--max-parallel-compilations must be >= 1, got {max_parallel_compilations}")
-    return config, buckets, max_tokens
+    return config, buckets, max_tokens, layout
 
 
 def check_output_dir(path: Path, flag: str = "--output") -> None:
@@ -90,12 +112,15 @@ def check_output_dir(path: Path, flag: str = "--output") -> None:
 
 
 def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, output: Path, batch_size: int = 1,
-                     max_parallel_compilations: int | None = None, func=None) -> artifacts.Manifest:
+                     max_parallel_compilations: int | None = None, func=None,
+                     layout: str | None = None) -> artifacts.Manifest:
     """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model).
-    buckets=None: 16, 32, ... up to the model's max_seq_length."""
+    layout: "packed" (texts end to end, no padding computed; the default for sentence-transformers
+    models), "padded" (rows of one bucket length; plain BERT). batch_size: rows per call, or packed,
+    texts per call. buckets=None: check_checkpoint's."""
     output = Path(output)
-    config, buckets, max_tokens = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
-                                                   max_parallel_compilations)
+    config, buckets, max_tokens, layout = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
+                                                           max_parallel_compilations, layout)
     check_output_dir(Path(output))
     if buckets[-1] < max_tokens:
         print(f"warning: the largest bucket ({buckets[-1]}) is below the model's max_seq_length ({max_tokens}): "
@@ -105,14 +130,23 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     if func is not None:
         pass
     elif sentence is not None:
-        func = functools.partial(load_sentence_model, model_dir, sentence["pooling"], sentence["normalize"])
+        func = functools.partial(load_sentence_model, model_dir, sentence["pooling"], sentence["normalize"],
+                                 layout == "packed")
     else:
         func = functools.partial(load_bert, model_dir)
-    examples = [(torch.ones(batch_size, n, dtype=torch.long), torch.ones(batch_size, n, dtype=torch.long))
-                for n in buckets]
-    return trace_into_shards(func, examples, BucketModelConfig(sequence_length_bucket_kernel(buckets)), tp_degree,
+    if layout == "packed":  # every graph: up to batch_size texts; example texts of 1 token each
+        examples = [(torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                     torch.ones(batch_size, dtype=torch.long)) for n in buckets]
+        kernel = packed_tokens_bucket_kernel(buckets, batch_size)
+    else:
+        examples = [(torch.ones(batch_size, n, dtype=torch.long), torch.ones(batch_size, n, dtype=torch.long))
+                    for n in buckets]
+        kernel = sequence_length_bucket_kernel(buckets)
+    return trace_into_shards(func, examples, BucketModelConfig(kernel), tp_degree,
                              max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
                                  "kind": "embedding",
+                                 "layout": layout,
+                                 "texts_per_call": batch_size,
                                  "output": "sentence_embedding" if sentence else "last_hidden_state",
                                  "sentence_transformers": sentence,
                                  "max_seq_length": max_tokens,

@@ -1,11 +1,13 @@
 """Texts -> sentence embeddings with a tensor-parallel model from `python -m tracer`: tokenize,
-group the texts into sub-batches by length (plan(): the grouping with the least measured cost, as
-every call reads all the weights once), run each padded to its bucket.
+group the texts into model calls (plan(): the grouping with the least measured cost, as every call
+reads all the weights once), run each.
 
-A short text is never padded to the longest text of its batch unless that is cheaper than a call of
-its own; results equal sending each text alone (padding is masked out) and come back in input
-order. Used by the TorchServe handler (handler/embedding_handler.py) and, without a server,
-in-process.
+Two layouts (the tracer's --layout). Packed (sentence-transformers models): a call's texts go end
+to end into one row of tokens, padded only up to the call's token bucket, so the linear layers
+compute real tokens alone, in one GEMM per weight. Padded (plain BERT): rows padded to a bucket
+length; a short text is never padded to the longest text of its batch unless that is cheaper than a
+call of its own. Either way results equal sending each text alone and come back in input order.
+Used by the TorchServe handler (handler/embedding_handler.py) and, without a server, in-process.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class Embedder:
             self.model.close()
             raise ManifestError(f"{model_dir}: not built by the offline tracer (no model info or buckets)")
         self.tokenizer = load_tokenizer(model_dir)
-        self.buckets: list[int] = self.model.manifest.sequence_buckets()
-        self.batch_size: int = self.model.manifest.batch_size()
+        self.packed = info.get("layout") == "packed"
+        self.buckets: list[int] = self.model.manifest.sequence_buckets()  # packed: tokens per call
+        self.batch_size: int = self.model.manifest.batch_size()  # rows, or packed texts, per call
         # sentence-transformers truncates at max_seq_length; a model traced with smaller buckets
         # truncates at its largest bucket (the tracer warned)
         self.max_tokens = min(info.get("max_seq_length") or self.buckets[-1], self.buckets[-1])
@@ -56,9 +59,18 @@ class Embedder:
     def warm_up(self) -> None:
         """The first two runs of a traced graph are slow (TorchScript profiles them), later shapes
         of the same graph are not (measured): per bucket, one row three times and a full batch
-        twice, timing the last of each: the cost table of plan()."""
+        twice (packed: the bucket full of texts of up to 64 tokens, three times), timing the last of
+        each: the cost table of plan()."""
         costs = {}
         for bucket in self.buckets:
+            if self.packed:
+                inputs = self._packed_inputs([[1] * n for n in self.warm_up_lengths(bucket)])
+                for _ in range(2):
+                    self.model(*inputs)
+                started = time.perf_counter()
+                self.model(*inputs)
+                costs[bucket, 1] = time.perf_counter() - started
+                continue
             for rows, runs in sorted({(1, 3), (self.batch_size, 2)}):
                 ones = torch.ones(rows, bucket, dtype=torch.long)
                 for _ in range(runs - 1):
@@ -68,16 +80,48 @@ class Embedder:
                 costs[bucket, rows] = time.perf_counter() - started
         self.costs = costs
 
+    def warm_up_lengths(self, bucket: int) -> list[int]:
+        """Packed: the texts warm_up() fills a bucket with (up to 64 tokens each, at most batch_size)."""
+        texts = min(self.batch_size, -(-bucket // 64))
+        return [bucket // texts + (i < bucket % texts) for i in range(texts)]
+
     def cost(self, bucket: int, rows: int) -> float:
         """Seconds one model call of `rows` rows of `bucket` tokens takes, interpolated from the
         warm-up's timings (without them: padded tokens plus a fixed cost of one bucket-16 row)."""
         if self.costs is None:
             return bucket * rows + 16
+        if self.packed:
+            return self.costs[bucket, 1]
         one, full = self.costs[bucket, 1], self.costs[bucket, self.batch_size]
         return one + (full - one) * (rows - 1) / max(1, self.batch_size - 1)
 
     def plan(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
-        """Sub-batches (bucket, input indices) for inputs of these token counts, at least cost.
+        """Model calls (bucket, input indices) for inputs of these token counts, at least cost."""
+        return self._plan_packed(lengths) if self.packed else self._plan_padded(lengths)
+
+    def _plan_packed(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
+        """Packed: the inputs in order, cut into calls of at most batch_size texts whose tokens fit
+        the largest bucket, at the cuts whose calls' measured costs add up least (one call, unless
+        the tokens overflow it or two smaller buckets cost less)."""
+        best, cut = [0.0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+        for end in range(1, len(lengths) + 1):
+            tokens = 0
+            for start in range(end - 1, max(0, end - self.batch_size) - 1, -1):
+                tokens += lengths[start]
+                if tokens > self.buckets[-1]:
+                    break
+                total = best[start] + self.cost(next(b for b in self.buckets if tokens <= b), 1)
+                if total < best[end]:
+                    best[end], cut[end] = total, start
+        plan, end = [], len(lengths)
+        while end:
+            tokens = sum(lengths[cut[end]:end])
+            plan.append((next(b for b in self.buckets if tokens <= b), list(range(cut[end], end))))
+            end = cut[end]
+        return plan[::-1]
+
+    def _plan_padded(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
+        """Padded: sub-batches of rows, each padded to the bucket of its longest input.
 
         Each model call reads all the weights once (measured: at a few rows a call costs a fixed
         part, the weight reads, plus a part per padded token), so one bucket per distinct length is
@@ -126,28 +170,42 @@ class Embedder:
     def embed_ids(self, token_ids: list[list[int]], on_sub_batch=None) -> list:
         """Embeddings in input order, run in the sub-batches of plan(). A sub-batch that fails (e.g.
         RankExecutionError) yields its exception in place of each of its embeddings: the rest of
-        the batch is still answered. on_sub_batch(bucket, rows, real_tokens, seconds) is called
-        after each sub-batch the model ran (the handler's metrics)."""
+        the batch is still answered. on_sub_batch(bucket, texts, real_tokens, computed_tokens,
+        seconds) is called after each sub-batch the model ran (the handler's metrics)."""
         results: list = [None] * len(token_ids)
         for bucket, chunk in self.plan([len(ids) for ids in token_ids]):
-            ids = torch.zeros(len(chunk), bucket, dtype=torch.long)
-            mask = torch.zeros(len(chunk), bucket, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-                mask[row, :len(token_ids[i])] = 1
+            texts = [token_ids[i] for i in chunk]
+            inputs = self._packed_inputs(texts) if self.packed else self._padded_inputs(texts, bucket)
             started = time.perf_counter()
             try:
-                rows = self.model(ids, mask).tolist()
+                rows = self.model(*inputs).tolist()
             except Exception as exc:  # noqa: BLE001 - this sub-batch fails, not the whole batch
                 for i in chunk:
                     results[i] = exc
                 continue
             if on_sub_batch is not None:
                 on_sub_batch(bucket, len(chunk), sum(len(token_ids[i]) for i in chunk),
-                             time.perf_counter() - started)
+                             bucket if self.packed else bucket * len(chunk), time.perf_counter() - started)
             for row, i in enumerate(chunk):
                 results[i] = rows[row]
         return results
+
+    @staticmethod
+    def _packed_inputs(texts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """input_ids and positions [tokens], lengths [texts]; the bucket kernel pads them."""
+        ids = torch.tensor([t for text in texts for t in text], dtype=torch.long)
+        positions = torch.cat([torch.arange(len(text)) for text in texts])
+        return ids, positions, torch.tensor([len(text) for text in texts], dtype=torch.long)
+
+    @staticmethod
+    def _padded_inputs(texts: list[list[int]], bucket: int) -> tuple[torch.Tensor, ...]:
+        """input_ids and attention_mask [texts, bucket]."""
+        ids = torch.zeros(len(texts), bucket, dtype=torch.long)
+        mask = torch.zeros(len(texts), bucket, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids[row, :len(text)] = torch.tensor(text)
+            mask[row, :len(text)] = 1
+        return ids, mask
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         results = self.embed_ids(self.token_ids(texts)[0])

@@ -3,6 +3,10 @@
 Parameter names equal Hugging Face's, so parallel_layers.load reads an unsharded HF checkpoint.
 Per layer: Q/K/V and the FFN input are column-parallel (each rank owns heads / FFN columns, no
 gather); the attention output and FFN output are row-parallel (one all-reduce each).
+
+Two layouts of a batch: padded rows [B, S] with an attention mask (forward), or texts packed end to
+end into one row of tokens [T] with their offsets (packed): no padding inside the batch, so the
+linear layers compute only real tokens, and tpserve::packed_attention keeps the texts apart.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
+from ..runtime import native_ops
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,11 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        # not torch.arange(..., device=...): tracing would bake the device into the graph
-        positions = torch.ones_like(input_ids[:1]).cumsum(dim=1) - 1
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            # not torch.arange(..., device=...): tracing would bake the device into the graph
+            positions = torch.ones_like(input_ids[:1]).cumsum(dim=1) - 1
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.LayerNorm(x + self.token_type_embeddings(token_type_ids))
 
@@ -64,6 +71,12 @@ class BertSelfAttention(nn.Module):
         return x.view(x.size(0), x.size(1), self.local_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] with mask_bias [B, 1, 1, S], or packed: x [T, H] with mask_bias the offsets [R + 1]."""
+        if x.dim() == 2:
+            shape = (x.size(0), self.local_heads, self.head_dim)
+            q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
+            context = native_ops.packed_attention(q, k, v, mask_bias, self.head_dim ** -0.5)
+            return context.reshape(x.size(0), self.local_heads * self.head_dim)
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
         return context.transpose(1, 2).reshape(x.size(0), x.size(1), self.local_heads * self.head_dim)
@@ -144,6 +157,13 @@ class ParallelBertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         mask_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         return self.encoder(x, mask_bias)
+
+    def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Texts packed end to end: input_ids, positions [T] (each text's own 0, 1, ...), offsets [R + 1]
+        (text r is tokens offsets[r] .. offsets[r + 1] - 1; tokens past offsets[R] are padding) ->
+        last_hidden_state [T, H], each text's tokens as if it had run alone."""
+        x = self.embeddings(input_ids, torch.zeros_like(input_ids), positions)
+        return self.encoder(x, offsets)
 
 
 def load_bert(model_dir, prefix: str = "") -> tuple[ParallelBertModel, dict]:

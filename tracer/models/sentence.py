@@ -63,7 +63,31 @@ class SentenceEmbedding(nn.Module):
         return F.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
 
 
-def load_sentence_model(model_dir, pooling: str = "mean", normalize: bool = True) -> tuple[nn.Module, dict]:
-    """A `func` for parallel_model_trace: this rank's shard of a BERT sentence embedder."""
+class PackedSentenceEmbedding(SentenceEmbedding):
+    """forward(input_ids [T], positions [T], lengths [R]) -> [R, hidden]: up to R texts packed end to
+    end (text r: the next lengths[r] tokens; an absent text has length 0, tokens after the last text
+    are padding), each pooled over its own tokens. The same results as SentenceEmbedding, without
+    computing a padded token (ParallelBertModel.packed)."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ends = lengths.cumsum(0)
+        offsets = torch.cat([torch.zeros_like(ends[:1]), ends])
+        tokens = self.encoder.packed(input_ids, positions, offsets)
+        # member[r, t]: token t belongs to text r (arange without a device baked into the graph)
+        index = torch.ones_like(input_ids).cumsum(0) - 1
+        member = (index.unsqueeze(0) >= offsets[:-1].unsqueeze(1)) & (index.unsqueeze(0) < ends.unsqueeze(1))
+        if self.pooling == "cls":
+            pooled = tokens.index_select(0, offsets[:-1].clamp(max=input_ids.size(0) - 1))
+        elif self.pooling == "max":
+            pooled = tokens.unsqueeze(0).masked_fill(~member.unsqueeze(-1), torch.finfo(tokens.dtype).min).amax(dim=1)
+        else:
+            pooled = (member.to(tokens.dtype) @ tokens) / lengths.unsqueeze(1).to(tokens.dtype).clamp(min=1e-9)
+        return F.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
+
+
+def load_sentence_model(model_dir, pooling: str = "mean", normalize: bool = True,
+                        packed: bool = False) -> tuple[nn.Module, dict]:
+    """A `func` for parallel_model_trace: this rank's shard of a BERT sentence embedder, taking padded
+    rows (input_ids, attention_mask) or, packed=True, texts packed end to end (PackedSentenceEmbedding)."""
     encoder, _ = load_bert(model_dir)
-    return SentenceEmbedding(encoder, pooling, normalize).eval(), {}
+    return (PackedSentenceEmbedding if packed else SentenceEmbedding)(encoder, pooling, normalize).eval(), {}

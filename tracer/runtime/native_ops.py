@@ -1,6 +1,6 @@
 """Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear,
-the decoder's RMS norm, rotary embedding and cached attention) as one
-library, registered as torch.ops.tpserve.
+the decoder's RMS norm, rotary embedding and cached attention, the encoder's packed attention) as
+one library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
 trace worker or a layer first needs it (not on import: `python -m tracer --help`, the archive step
@@ -107,6 +107,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     head kv_index[h]: q [b, L, heads, D] -> [b, L, heads, D]; one op, the caches read where they lie
     (csrc/decoder_ops.cpp)."""
     return ops().cached_attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, scale)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Self-attention over texts packed end to end: q, k, v [tokens, heads, D]; text r is tokens
+    offsets[r] .. offsets[r + 1] - 1 and attends only to itself; tokens past offsets[-1] come back 0
+    (csrc/encoder_ops.cpp)."""
+    return ops().packed_attention(q, k, v, offsets, scale)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "attend.h"
 #include "simd.h"
 
 namespace {
@@ -86,28 +87,6 @@ at::Tensor attention_formula(const at::Tensor& q, const at::Tensor& k, const at:
   return at::einsum("bhlc,bchd->blhd", {at::softmax(scores, -1), values});
 }
 
-__attribute__((target("avx2,fma"))) void attend_one(const float* q, const float* keys, const float* values,
-                                                    int64_t stride, int64_t seen, int64_t D, float scale,
-                                                    float* scores, float* out) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < seen; ++j) {
-    const float* k = keys + j * stride;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-    scores[j] = tpserve_simd::horizontal_sum(acc) * scale;
-    top = std::max(top, scores[j]);
-  }
-  float total = 0.0f;
-  for (int64_t j = 0; j < seen; ++j) total += (scores[j] = std::exp(scores[j] - top));
-  const float inv = 1.0f / total;
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < seen; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(values + j * stride + d), acc);
-    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-  }
-}
-
 at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
                             const at::Tensor& kv_index, int64_t context, double scale) {
@@ -152,7 +131,7 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
       // or past the window's end
       const int64_t seen = std::min<int64_t>(context, pp[token] + 1);
       const int64_t base = sp[row] * C * stride + kp[h] * D;
-      attend_one(qp + t * D, kc + base, vc + base, stride, seen, D, static_cast<float>(scale), scores.data(),
+      tpserve_attend::attend_one(qp + t * D, kc + base, vc + base, stride, seen, D, static_cast<float>(scale), scores.data(),
                  op + t * D);
     }
   });
