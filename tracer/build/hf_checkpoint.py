@@ -27,6 +27,7 @@ from ..bucketing import (
 from ..errors import UsageError
 from ..models.bert import load_bert
 from ..models.sentence import load_sentence_model, sentence_transformers_settings
+from ..parallel_layers import backend
 from .model_source import read_config
 from .shards import trace_into_shards
 
@@ -50,8 +51,9 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
                      max_parallel_compilations: int | None = None,
                      layout: str | None = None) -> tuple[dict, list[int], int, str]:
     """Everything that can be wrong, checked before tracing, the architecture first. Returns (HF
-    config, buckets, max_seq_length, layout). layout None: packed for a sentence-transformers model,
-    padded for a plain BERT (its output is per token). buckets=None: padded 16, 32, 48, ... up to
+    config, buckets, max_seq_length, layout). layout None: packed for a sentence-transformers model
+    on the CPU backend, else padded (a plain BERT's output is per token; neuronx_distributed's
+    compiler has no tpserve::packed_attention). buckets=None: padded 16, 32, 48, ... up to
     max_seq_length; packed, tokens per call: the same, then on up to batch_size texts' worth (at most
     1024, packed_token_buckets)."""
     config = read_config(model_dir)
@@ -70,7 +72,9 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     if layout == "packed" and sentence is None:
         raise UsageError(f"--layout packed: {model_dir} is a plain BERT (no sentence-transformers modules.json); "
                          "its per-token output is served padded")
-    layout = layout or ("packed" if sentence is not None else "padded")
+    if layout == "packed" and backend.NAME != "cpu":  # tpserve::packed_attention is a CPU op
+        raise UsageError(f"--layout packed needs tpserve's CPU backend; {backend.NAME} traces padded rows")
+    layout = layout or ("packed" if sentence is not None and backend.NAME == "cpu" else "padded")
     if tp_degree < 1:
         raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
     for name in ("num_attention_heads", "intermediate_size"):
