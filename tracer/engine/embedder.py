@@ -59,8 +59,8 @@ class Embedder:
     def warm_up(self) -> None:
         """The first two runs of a traced graph are slow (TorchScript profiles them), later shapes
         of the same graph are not (measured): per bucket, one row three times and a full batch
-        twice (packed: the bucket full of texts of up to 64 tokens, three times), timing the last of
-        each: the cost table of plan()."""
+        twice (packed: the bucket filled with warm_up_lengths() texts, three times), timing the last
+        of each: the cost table of plan()."""
         costs = {}
         for bucket in self.buckets:
             if self.packed:
@@ -81,7 +81,9 @@ class Embedder:
         self.costs = costs
 
     def warm_up_lengths(self, bucket: int) -> list[int]:
-        """Packed: the texts warm_up() fills a bucket with (up to 64 tokens each, at most batch_size)."""
+        """Packed: the texts warm_up() fills a bucket with: 64 tokens each, or as many fewer texts
+        as batch_size allows (never more tokens each than one text may have: the tracer checked
+        bucket <= batch_size x max_seq_length)."""
         texts = min(self.batch_size, -(-bucket // 64))
         return [bucket // texts + (i < bucket % texts) for i in range(texts)]
 
