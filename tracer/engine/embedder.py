@@ -19,6 +19,7 @@ import torch
 
 from ..artifacts import tokenizer_file
 from ..errors import ManifestError, TextTooLongError, TokenIdError
+from ..runtime.allocator import keep_freed_memory
 from ..runtime.tensor_parallel_model import parallel_model_load
 
 
@@ -39,6 +40,9 @@ class Embedder:
         model_dir = Path(model_dir)
         if too_long not in ("truncate", "reject"):
             raise ValueError(f"too_long must be truncate or reject, got {too_long!r}")
+        # an encoder call's activations are MBs, freed and allocated again every call (the decoder's
+        # steps, measured, gain nothing from this: it is set here, not for every rank)
+        keep_freed_memory()
         self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor,
                                          threads_per_rank=threads_per_rank)
         info = self.model.manifest.model

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from .. import artifacts
 from . import native_ops
-from .allocator import keep_freed_memory
 
 
 def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
@@ -36,7 +35,6 @@ def set_tensor(module: torch.jit.ScriptModule, dotted: str, value: torch.Tensor)
 class RankShard:
     def __init__(self, load_dir: Path, manifest: artifacts.Manifest, rank: int, device: str = "cpu") -> None:
         native_ops.ops()  # the graphs call tpserve:: ops: the library must be loaded first
-        keep_freed_memory()  # in every process that runs a rank
         self.graphs = [torch.jit.load(str(load_dir / artifacts.bucket_file(rank, b)), map_location=device)
                        for b in range(len(manifest.buckets))]
         if not manifest.inline_weights:
