@@ -12,6 +12,8 @@ Used by the TorchServe handler (handler/embedding_handler.py) and, without a ser
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from pathlib import Path
 
@@ -68,19 +70,15 @@ class Embedder:
         costs = {}
         for bucket in self.buckets:
             if self.packed:
-                inputs = self._packed_inputs([[1] * n for n in self.warm_up_lengths(bucket)])
-                for _ in range(2):
+                trials = [(1, 3, self._packed_inputs([[1] * n for n in self.warm_up_lengths(bucket)]))]
+            else:
+                trials = [(rows, runs, (torch.ones(rows, bucket, dtype=torch.long),) * 2)
+                          for rows, runs in sorted({(1, 3), (self.batch_size, 2)})]
+            for rows, runs, inputs in trials:
+                for _ in range(runs - 1):
                     self.model(*inputs)
                 started = time.perf_counter()
                 self.model(*inputs)
-                costs[bucket, 1] = time.perf_counter() - started
-                continue
-            for rows, runs in sorted({(1, 3), (self.batch_size, 2)}):
-                ones = torch.ones(rows, bucket, dtype=torch.long)
-                for _ in range(runs - 1):
-                    self.model(ones, ones)
-                started = time.perf_counter()
-                self.model(ones, ones)
                 costs[bucket, rows] = time.perf_counter() - started
         self.costs = costs
 
@@ -93,58 +91,55 @@ class Embedder:
 
     def cost(self, bucket: int, rows: int) -> float:
         """Seconds one model call of `rows` rows of `bucket` tokens takes, interpolated from the
-        warm-up's timings (without them: padded tokens plus a fixed cost of one bucket-16 row)."""
+        warm-up's timings (without them: padded tokens plus a fixed cost of one bucket-16 row).
+        Packed, a call is one row of `bucket` tokens whatever the texts in it."""
+        if self.packed:
+            rows = 1
         if self.costs is None:
             return bucket * rows + 16
-        if self.packed:
-            return self.costs[bucket, 1]
-        one, full = self.costs[bucket, 1], self.costs[bucket, self.batch_size]
+        one = self.costs[bucket, 1]
+        if rows == 1:
+            return one
+        full = self.costs[bucket, self.batch_size]
         return one + (full - one) * (rows - 1) / max(1, self.batch_size - 1)
 
+    def bucket_for(self, tokens: int) -> int | None:
+        """The smallest bucket that holds `tokens`, or None where none does."""
+        at = bisect.bisect_left(self.buckets, tokens)
+        return self.buckets[at] if at < len(self.buckets) else None
+
     def plan(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
-        """Model calls (bucket, input indices) for inputs of these token counts, at least cost."""
-        return self._plan_packed(lengths) if self.packed else self._plan_padded(lengths)
-
-    def _plan_packed(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
-        """Packed: the inputs in order, cut into calls of at most batch_size texts whose tokens fit
-        the largest bucket, at the cuts whose calls' measured costs add up least (one call, unless
-        the tokens overflow it or two smaller buckets cost less)."""
-        best, cut = [0.0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
-        for end in range(1, len(lengths) + 1):
-            tokens = 0
-            for start in range(end - 1, max(0, end - self.batch_size) - 1, -1):
-                tokens += lengths[start]
-                if tokens > self.buckets[-1]:
-                    break
-                total = best[start] + self.cost(next(b for b in self.buckets if tokens <= b), 1)
-                if total < best[end]:
-                    best[end], cut[end] = total, start
-        plan, end = [], len(lengths)
-        while end:
-            tokens = sum(lengths[cut[end]:end])
-            plan.append((next(b for b in self.buckets if tokens <= b), list(range(cut[end], end))))
-            end = cut[end]
-        return plan[::-1]
-
-    def _plan_padded(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
-        """Padded: sub-batches of rows, each padded to the bucket of its longest input.
+        """Model calls (bucket, input indices) for inputs of these token counts, at least cost.
 
         Each model call reads all the weights once (measured: at a few rows a call costs a fixed
-        part, the weight reads, plus a part per padded token), so one bucket per distinct length is
-        not the cheapest: inputs sorted by length are cut into runs of at most batch_size, each run
-        padded to the bucket of its longest input, choosing the cuts (dynamic programming over the
-        sorted inputs) that minimize the sum of the runs' measured costs."""
+        part, the weight reads, plus a part per token it computes), so one call per input, or per
+        distinct length, is not the cheapest. Packed: the inputs in order, cut into calls of at most
+        batch_size texts whose tokens fit the largest bucket (one call, unless the tokens overflow it
+        or two smaller buckets cost less). Padded: inputs sorted by length, cut into runs of at most
+        batch_size, each padded to the bucket of its longest input."""
+        if self.packed:
+            order = list(range(len(lengths)))
+            ends = list(itertools.accumulate(lengths, initial=0))
+            return self._cheapest_runs(order, lambda start, end: self.bucket_for(ends[end] - ends[start]))
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        bucket_of = [next(b for b in self.buckets if lengths[i] <= b) for i in order]
-        best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
-        for end in range(1, len(order) + 1):
+        return self._cheapest_runs(order, lambda start, end: self.bucket_for(lengths[order[end - 1]]))
+
+    def _cheapest_runs(self, order: list[int], bucket_of_run) -> list[tuple[int, list[int]]]:
+        """`order` cut into runs of at most batch_size inputs, run order[start:end] taking the bucket
+        bucket_of_run(start, end) (None: it fits none), at the cuts whose runs' measured costs add
+        up least (dynamic programming over the cuts)."""
+        n = len(order)
+        best, cut, bucket = [0.0] + [float("inf")] * n, [0] * (n + 1), [0] * (n + 1)
+        for end in range(1, n + 1):
             for start in range(max(0, end - self.batch_size), end):
-                total = best[start] + self.cost(bucket_of[end - 1], end - start)
+                if (run_bucket := bucket_of_run(start, end)) is None:
+                    continue
+                total = best[start] + self.cost(run_bucket, end - start)
                 if total < best[end]:
-                    best[end], cut[end] = total, start
-        plan, end = [], len(order)
+                    best[end], cut[end], bucket[end] = total, start, run_bucket
+        plan, end = [], n
         while end:
-            plan.append((bucket_of[end - 1], order[cut[end]:end]))
+            plan.append((bucket[end], order[cut[end]:end]))
             end = cut[end]
         return plan[::-1]
 
