@@ -43,8 +43,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-degree", type=int, required=True, help="tensor-parallel degree")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="sequence buckets (embeddings) or prompt-length buckets (generation), e.g. 16,32,64,128 "
-                        "(default: 16, 32, 48, 64, 96, ... up to max_seq_length, or for generation up to "
-                        "--max-context)")
+                        "(default: 16, 32, 48, 64, 96, ... up to max_seq_length; for generation 16, 24, ... 64, "
+                        "80, 96, 112, 128, 160, ... up to --max-context)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size each bucket is traced with: texts per call for packed embeddings (default: 1 "
                         "for embeddings, 4 for generation)")

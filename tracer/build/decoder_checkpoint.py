@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, half_steps, powers_of_two
+from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, powers_of_two, prompt_buckets
 from ..errors import UsageError
 from ..models.llama import ARCHITECTURES, DecoderConfig, load_decoder
 from .shards import trace_into_shards
@@ -54,7 +54,7 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
     if decoder.num_attention_heads % decoder.num_key_value_heads:
         raise UsageError(f"{model_dir}: num_attention_heads is not a multiple of num_key_value_heads")
     try:
-        prefill = check_buckets(prefill if prefill is not None else half_steps(16, max_context))
+        prefill = check_buckets(prefill if prefill is not None else prompt_buckets(max_context))
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
     if prefill[-1] > max_context:
