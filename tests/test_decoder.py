@@ -78,8 +78,7 @@ def test_random_llama_greedy_equals_hf_generate_and_rows_are_independent(random_
         generator.close()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path, tp):
+def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path, tp=2):
     """Prompts up to 128 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)."""
     directory, hf = random_llama
     prompts = [[(7 * i + 3) % 256 for i in range(100)], [(11 * i + 5) % 256 for i in range(150)]]  # buckets 128, 160
