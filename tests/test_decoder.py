@@ -78,11 +78,11 @@ def test_random_llama_greedy_equals_hf_generate_and_rows_are_independent(random_
         generator.close()
 
 
-def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path, tp=2):
+def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path):
     """Prompts up to 128 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)."""
     directory, hf = random_llama
     prompts = [[(7 * i + 3) % 256 for i in range(100)], [(11 * i + 5) % 256 for i in range(150)]]  # buckets 128, 160
-    generator = Generator(_trace(directory, tmp_path, tp, prefill=[64, 128, 160], max_context=256))
+    generator = Generator(_trace(directory, tmp_path, 2, prefill=[64, 128, 160], max_context=256))
     try:
         got = generator.generate(prompts, SamplingParams(max_new_tokens=16))
         assert [c.token_ids for c in got] == [_hf_greedy(hf, p, 16) for p in prompts]

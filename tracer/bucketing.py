@@ -60,17 +60,24 @@ def half_steps(first: int, last: int) -> list[int]:
     return [b for b in out if b < last] + [last]
 
 
+def _quarter_steps(buckets: list[int], top: int) -> list[int]:
+    """buckets extended by quarter steps of the power of two at or below the last one (64: 80, 96,
+    112, 128; then 160, 192, ...) up to top, the last one top."""
+    while buckets[-1] < top:
+        quarter = (1 << (buckets[-1].bit_length() - 1)) // 4
+        buckets.append(min((buckets[-1] // quarter + 1) * quarter, top))
+    return buckets
+
+
 def prompt_buckets(last: int) -> list[int]:
     """Prompt-length buckets of a decoder: steps of 8 tokens from 16 to 64, then quarter steps (80, 96,
     112, 128, 160, ...), then last. A prompt's prefill time grows with its padded length (~1.2 ms per
     token for SmolLM2 fp32 here) and is all of its time to first token, so short prompts (a chat
     template alone is ~30 tokens) are padded by at most 7 tokens and longer ones by at most a quarter
     over a power of two; graphs are cheap when the weights are shared (inline_weights=False)."""
-    out = list(range(16, 65, 8))
-    while out[-1] < last:
-        step = 1 << (out[-1].bit_length() - 1)  # the power of two at or below the last bucket
-        out.append(out[-1] + step // 4)
-    return [b for b in out if b < last] + [last]
+    if last <= 64:
+        return [*range(16, last, 8), last]
+    return _quarter_steps(list(range(16, 65, 8)), last)
 
 
 def packed_token_buckets(max_tokens: int, texts: int, largest: int = 1024) -> list[int]:
@@ -78,15 +85,7 @@ def packed_token_buckets(max_tokens: int, texts: int, largest: int = 1024) -> li
     steps up to one longest text (16, 32, 48, ... max_tokens), then quarter steps up to `texts`
     longest texts or `largest` tokens, whichever is less (a batch of more tokens runs as several
     calls: beyond ~1000 rows a GEMM is no faster per row)."""
-    buckets = half_steps(16, max_tokens)
-    top = max(max_tokens, min(largest, texts * max_tokens))
-    step = 1 << (max_tokens.bit_length() - 1)  # the power of two at or below max_tokens
-    while buckets[-1] < top:
-        nxt = (buckets[-1] // (step // 4) + 1) * (step // 4)
-        if nxt >= 2 * step:
-            step *= 2
-        buckets.append(min(nxt, top))
-    return buckets
+    return _quarter_steps(half_steps(16, max_tokens), max(max_tokens, min(largest, texts * max_tokens)))
 
 
 class SequenceLengthBucketKernel(nn.Module):

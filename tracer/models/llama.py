@@ -94,6 +94,12 @@ _CPU_BACKEND = backend.NAME == "cpu"
 _NATIVE_ATTENTION_TOKENS = 128
 
 
+def _native_attention(length: int) -> bool:
+    """Whether `length` tokens per row attend through tpserve::cached_attention (which masks
+    causally itself) rather than SDPA with the model's mask."""
+    return _CPU_BACKEND and length <= _NATIVE_ATTENTION_TOKENS
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -151,7 +157,7 @@ class Attention(nn.Module):
         q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
         v = v.view(b, length, self.local_kv, self.head_dim)
-        if _CPU_BACKEND and length <= _NATIVE_ATTENTION_TOKENS:  # one op writes and reads the cache rows in place
+        if _native_attention(length):  # one op writes and reads the cache rows in place
             out = native_ops.cached_attention(q, k, v, self.cache_k, self.cache_v, slots, positions, self.kv_index,
                                               self.context, self.head_dim ** -0.5)
             return self.o_proj(out.view(b, length, self.local_heads * self.head_dim))
@@ -235,9 +241,9 @@ class Decoder(nn.Module):
         cos = (angles.cos() * self.attention_scaling).unsqueeze(2)  # [b, L, 1, head_dim]
         sin = (angles.sin() * self.attention_scaling).unsqueeze(2)
         # causal by position, once for every layer: row i's token at p attends cache positions <= p
-        # (up to _NATIVE_ATTENTION_TOKENS on the CPU backend tpserve::cached_attention masks itself)
+        # (not needed where the layers attend through tpserve::cached_attention)
         mask = None
-        if not (_CPU_BACKEND and input_ids.shape[1] <= _NATIVE_ATTENTION_TOKENS):
+        if not _native_attention(input_ids.shape[1]):
             key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
             mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
         for layer in self.model.layers:
