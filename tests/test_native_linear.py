@@ -18,6 +18,13 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def simd(request, monkeypatch):
+    """The quantized kernels' 16-lane path (where the CPU has AVX-512) and the 8-lane one."""
+    monkeypatch.setenv("TPSERVE_SIMD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 24, 25, 40, 64, 65])
 @pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
 def test_linear_equals_f_linear(rows, features, threads):
@@ -67,7 +74,7 @@ def _groups_of_8_bits(w: torch.Tensor):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 24, 40, 64, 65])
-def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows, threads):
+def test_linear_int8_equals_f_linear_with_the_dequantized_weight(rows, threads, simd):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 576, generator=g), torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
     q, d, m, dequantized = _groups_of_8_bits(w)
@@ -90,7 +97,7 @@ def _q4_1(w: torch.Tensor):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 24, 25, 64, 65])
-def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads):
+def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads, simd):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 1, 576, generator=g), torch.randn(200, 576, generator=g), torch.randn(200, generator=g)
     packed, d, m, dequantized = _q4_1(w)
@@ -98,6 +105,20 @@ def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads):
     for bias in (None, b):
         torch.testing.assert_close(native_ops.linear_int4(x, packed, d, m, bias), F.linear(x, dequantized, bias),
                                    rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("bits, reference", [(8, _groups_of_8_bits), (4, _q4_1)])
+def test_quantized_rows_equal_each_row_alone(bits, reference, simd):
+    """A generation step's rows (up to 8) give exactly what each gives alone: a sequence's tokens
+    do not depend on the sequences batched with it."""
+    g = torch.Generator().manual_seed(bits)
+    x, w = torch.randn(8, 576, generator=g), torch.randn(203, 576, generator=g)  # 203: ragged weight-row blocks
+    q, d, m, _ = reference(w)
+    op = native_ops.linear_int8 if bits == 8 else native_ops.linear_int4
+    for rows in range(1, 9):
+        together = op(x[:rows], q, d, m)
+        for i in range(rows):
+            assert torch.equal(together[i], op(x[i:i + 1], q, d, m)[0]), (rows, i)
 
 
 @pytest.mark.parametrize("bits, reference, width", [(8, _groups_of_8_bits, 64), (4, _q4_1, 32)])

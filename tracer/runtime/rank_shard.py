@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from .. import artifacts
 from . import native_ops
+from .huge_pages import load_weights
 
 
 def _resolve(module: torch.jit.ScriptModule, dotted: str) -> tuple[torch.jit.ScriptModule, str]:
@@ -38,9 +39,13 @@ class RankShard:
         self.graphs = [torch.jit.load(str(load_dir / artifacts.bucket_file(rank, b)), map_location=device)
                        for b in range(len(manifest.buckets))]
         if not manifest.inline_weights:
-            shared = load_file(str(load_dir / artifacts.weights_file(rank)), device=device)
-            for name, spec in manifest.runtime_states.items():  # e.g. KV caches: memory, not files
-                shared[name] = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+            weights = load_dir / artifacts.weights_file(rank)
+            if device == "cpu":  # weights and KV caches (memory, not files) in 2 MB pages
+                shared = load_weights(weights, manifest.runtime_states)
+            else:
+                shared = load_file(str(weights), device=device)
+                for name, spec in manifest.runtime_states.items():
+                    shared[name] = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
             for name, source in manifest.ties.items():  # tied weights: stored once, one tensor for both
                 shared[name] = shared[source]
         else:  # state tensors must still be one per rank, whichever bucket updates them

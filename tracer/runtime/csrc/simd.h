@@ -5,6 +5,9 @@
 
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace tpserve_simd {
 
 // The kernels are compiled for AVX2 + FMA per function (target attributes) and used only where the
@@ -12,6 +15,16 @@ namespace tpserve_simd {
 inline bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
+}
+
+// AVX-512 (F) for the quantized kernels' 16-lane path (linear_quantized.cpp). TPSERVE_SIMD=avx2 keeps
+// them on the 8-lane path (read on each call: the tests run both paths on an AVX-512 machine).
+inline bool use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma");
+  if (!has) return false;
+  const char* choice = std::getenv("TPSERVE_SIMD");
+  return choice == nullptr || std::strcmp(choice, "avx2") != 0;
 }
 
 // Up to how many input rows the streaming kernels beat ATen's GEMM. Measured against MKL (MiniLM and
