@@ -117,10 +117,16 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
             statistics.median(f[2] for f in four), statistics.median(single_rate)]
 
 
-def served_first_token_ms(workdir: Path) -> tuple[float, float]:
-    """(served, in-process) first-token ms at tp 1, medians of requests that alternate between the
-    server and an in-process Generator on the same shards (sequential passes drift with the VM).
-    The in-process side includes the chat template, as the server does."""
+FRONTEND_WARM_UP = 3000  # cheap requests before the warm measurement (TorchServe's JVM compiles its hot paths)
+
+
+def served_first_token_ms(workdir: Path) -> dict[str, float]:
+    """Served and in-process first-token ms at tp 1, medians of requests that alternate between the
+    server and an in-process Generator on the same shards (sequential passes drift with the VM),
+    on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
+    round trip, HTTP to the worker and back, whose Java code runs slower until the JVM has compiled
+    it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The in-process side
+    includes the chat template, as the server does."""
     from tracer.engine.generator import Generator, SamplingParams
 
     store = workdir / "store"
@@ -131,24 +137,38 @@ def served_first_token_ms(workdir: Path) -> tuple[float, float]:
     server = start_server(workdir / "ts", store, "smollm2")
     generator = Generator(store / "smollm2")
     generator.warm_up()
-    try:
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
+
+    def timed(body: str, first_line: bool) -> float:
+        start = time.perf_counter()
+        connection.request("POST", "/predictions/smollm2", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if first_line:
+            response.readline()  # the first line carries the first token
+        elapsed = time.perf_counter() - start
+        response.read()
+        return elapsed
+
+    def alternating() -> tuple[float, float]:
         body = json.dumps({"messages": QUESTION, "max_new_tokens": 1, "stream": True})
-        connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
         served, local = [], []
         for _ in range(2 * REPEATS + 2):
             time.sleep(0.2)  # each side starts on an idle machine
-            start = time.perf_counter()
-            connection.request("POST", "/predictions/smollm2", body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.readline()  # the first line carries the first token
-            served.append(time.perf_counter() - start)
-            response.read()
+            served.append(timed(body, first_line=True))
             time.sleep(0.2)
             start = time.perf_counter()
             generator.generate([generator.encode(messages=QUESTION)], SamplingParams(max_new_tokens=1))
             local.append(time.perf_counter() - start)
-        connection.close()
         return statistics.median(served[2:]) * 1000, statistics.median(local[2:]) * 1000
+
+    try:
+        result = dict(zip(("served fresh", "in-process fresh"), alternating(), strict=True))
+        round_trips = [timed("{", first_line=False) for _ in range(FRONTEND_WARM_UP)]
+        result["round trip"] = statistics.median(round_trips[-100:]) * 1000
+        time.sleep(10)  # the JVM's compiler threads finish (they took one of the 2 cores from both sides)
+        result.update(zip(("served", "in-process"), alternating(), strict=True))
+        connection.close()
+        return result
     finally:
         generator.close()
         server.stop()
@@ -199,8 +219,8 @@ def main() -> None:
                          f"{first:.0f}", f"{token:.1f}", f"{token4:.1f}",
                          f"{rate4:.0f} / {rate1:.0f} ({rate4 / rate1:.2f}×)", f"{token / hf_token:.2f}×"])
             print(rows[0], rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a failure later
-        served, local = served_first_token_ms(Path(tmp))
-    rows.append(["tpserve served tp=1 (REST, streamed)", f"{served:.0f}", "", "", "", ""])
+        served = served_first_token_ms(Path(tmp))
+    rows.append(["tpserve served tp=1 (REST, streamed)", f"{served['served']:.0f}", "", "", "", ""])
     rows.append([f"memory floor: {weight_bytes / 1e6:.0f} MB of fp32 weights ÷ {bandwidth:.0f} GB/s copy bandwidth",
                  "", f"{floor_ms:.1f}", "", "", ""])
     rows.append([f"memory floor, int8: {int8_bytes / 1e6:.0f} MB of int8 weights ÷ {bandwidth:.0f} GB/s", "",
@@ -217,7 +237,11 @@ def main() -> None:
                                                                                (2, "int4"))) +
               "; first token: " + ", ".join(f"tp={tp} {w} {results[tp, w][0] / llama[0]:.2f}×" for tp, w in results))
     print(f"served − in-process first token (tp=1, alternating requests, chat template on both sides): "
-          f"{served - local:.1f} ms ({served:.0f} vs {local:.0f} ms)")
+          f"{served['served'] - served['in-process']:.1f} ms ({served['served']:.0f} vs {served['in-process']:.0f} ms) "
+          f"after {FRONTEND_WARM_UP} requests (TorchServe's round trip for a malformed request, warm: "
+          f"{served['round trip']:.1f} ms); on the fresh server: "
+          f"{served['served fresh'] - served['in-process fresh']:.1f} ms ({served['served fresh']:.0f} vs "
+          f"{served['in-process fresh']:.0f} ms)")
     print(f"quality, teacher-forced on tests/data/quality_text.txt ({len(text)} tokens; HF fp32 perplexity "
           f"{hf_perplexity:.3f}):")
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
