@@ -1,7 +1,7 @@
 """tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel (one pass up to 8 rows,
 tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear; tpserve::linear_int8 / int4
 (csrc/linear_quantized.cpp) equal F.linear with the dequantized weights, and the layers store
-their groups as those kernels read them."""
+their groups as those kernels read them; with `rows`, all three compute a bucket's real rows only."""
 
 import pytest
 import torch
@@ -105,6 +105,28 @@ def test_linear_int4_equals_f_linear_with_the_dequantized_weight(rows, threads, 
     for bias in (None, b):
         torch.testing.assert_close(native_ops.linear_int4(x, packed, d, m, bias), F.linear(x, dequantized, bias),
                                    rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("total, used", [(40, 37), (40, 1), (8, 5), (100, 70), (12, 0), (12, 12)])
+def test_rows_compute_the_real_rows_and_zero_the_padding(kind, total, used):
+    """rows = a bucket's real rows: those equal the op without rows, the padding rows come back zero
+    (the streaming kernels up to 64 rows, ATen's GEMM beyond)."""
+    g = torch.Generator().manual_seed(total + used)
+    x, w, b = torch.randn(1, total, 576, generator=g), torch.randn(200, 576, generator=g), torch.randn(200, generator=g)
+    if kind == "fp32":
+        def op(x, rows=None):
+            return native_ops.linear(x, w, b, rows)
+    else:
+        q, d, m, _ = (_groups_of_8_bits if kind == "int8" else _q4_1)(w)
+        quantized = native_ops.linear_int8 if kind == "int8" else native_ops.linear_int4
+
+        def op(x, rows=None):
+            return quantized(x, q, d, m, b, rows)
+    y = op(x, torch.tensor([used]))
+    assert y.shape == (1, total, 200)
+    torch.testing.assert_close(y[:, :used], op(x[:, :used]), rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[:, used:], torch.zeros(1, total - used, 200))
 
 
 @pytest.mark.parametrize("bits, reference", [(8, _groups_of_8_bits), (4, _q4_1)])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
+from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state, project
 from ..runtime import native_ops
 
 
@@ -70,11 +70,12 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.size(0), x.size(1), self.local_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        """x [B, S, H] with mask_bias [B, 1, 1, S], or packed: x [T, H] with mask_bias the offsets [R + 1]."""
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, H] with mask_bias [B, 1, 1, S], or packed: x [T, H] with mask_bias the offsets [R + 1]
+        and rows its real tokens (offsets[R])."""
         if x.dim() == 2:
             shape = (x.size(0), self.local_heads, self.head_dim)
-            q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
+            q, k, v = (project(layer, x, rows).view(shape) for layer in (self.query, self.key, self.value))
             context = native_ops.packed_attention(q, k, v, mask_bias, self.head_dim ** -0.5)
             return context.reshape(x.size(0), self.local_heads * self.head_dim)
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
@@ -90,8 +91,8 @@ class BertDenseOutput(nn.Module):
         self.dense = RowParallelLinear(in_features, c.hidden_size, input_is_parallel=True)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.LayerNorm(project(self.dense, x, rows) + residual)
 
 
 class BertAttention(nn.Module):
@@ -100,8 +101,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(c)
         self.output = BertDenseOutput(c.hidden_size, c)
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, mask_bias), x)
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask_bias, rows), x, rows)
 
 
 class BertIntermediate(nn.Module):
@@ -111,8 +112,8 @@ class BertIntermediate(nn.Module):
             raise ValueError(f"hidden_act {c.hidden_act!r} is not supported (only 'gelu')")
         self.dense = ColumnParallelLinear(c.hidden_size, c.intermediate_size, gather_output=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return F.gelu(project(self.dense, x, rows))
 
 
 class BertLayer(nn.Module):
@@ -122,9 +123,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(c)
         self.output = BertDenseOutput(c.intermediate_size, c)
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, mask_bias)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attention(x, mask_bias, rows)
+        return self.output(self.intermediate(x, rows), x, rows)
 
 
 class BertEncoder(nn.Module):
@@ -132,9 +133,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask_bias)
+            x = layer(x, mask_bias, rows)
         return x
 
 
@@ -163,7 +164,7 @@ class ParallelBertModel(nn.Module):
         (text r is tokens offsets[r] .. offsets[r + 1] - 1; tokens past offsets[R] are padding) ->
         last_hidden_state [T, H], each text's tokens as if it had run alone."""
         x = self.embeddings(input_ids, torch.zeros_like(input_ids), positions)
-        return self.encoder(x, offsets)
+        return self.encoder(x, offsets, offsets[-1:])  # the linears skip the bucket's padding tokens
 
 
 def load_bert(model_dir, prefix: str = "") -> tuple[ParallelBertModel, dict]:

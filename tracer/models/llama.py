@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, backend, load, parallel_state
+from ..parallel_layers.backend import project
 from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
 from ..parallel_layers.layers import FusedLinear
 from ..runtime import native_ops
@@ -151,19 +152,19 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.fused = True
 
-    def forward(self, x, cos, sin, positions, slots, mask):
+    def forward(self, x, cos, sin, positions, slots, mask, rows):
         b, length, _ = x.shape
-        q, k, v = self.qkv_proj(x) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv_proj(x, rows) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
         v = v.view(b, length, self.local_kv, self.head_dim)
         if _native_attention(length):  # one op writes and reads the cache rows in place
             out = native_ops.cached_attention(q, k, v, self.cache_k, self.cache_v, slots, positions, self.kv_index,
                                               self.context, self.head_dim ** -0.5)
-            return self.o_proj(out.view(b, length, self.local_heads * self.head_dim))
-        rows = slots.unsqueeze(1).expand(b, length)
-        self.cache_k.index_put_((rows, positions), k)  # in place: O(new tokens)
-        self.cache_v.index_put_((rows, positions), v)
+            return project(self.o_proj, out.view(b, length, self.local_heads * self.head_dim), rows)
+        cache_rows = slots.unsqueeze(1).expand(b, length)
+        self.cache_k.index_put_((cache_rows, positions), k)  # in place: O(new tokens)
+        self.cache_v.index_put_((cache_rows, positions), v)
         # this graph's window of the cache rows, without a copy where the layout allows: one row (a
         # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
         # row i's cache row i, as the generator puts each row at its slot (idle rows write to the
@@ -180,7 +181,7 @@ class Attention(nn.Module):
             keys, values = keys.index_select(2, self.kv_index), values.index_select(2, self.kv_index)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask, enable_gqa=self.grouped)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim))
+        return project(self.o_proj, out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim), rows)
 
 
 class Mlp(nn.Module):
@@ -197,9 +198,9 @@ class Mlp(nn.Module):
         del self.gate_proj, self.up_proj
         self.fused = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, rows) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return project(self.down_proj, F.silu(gate) * up, rows)
 
 
 class DecoderLayer(nn.Module):
@@ -210,9 +211,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, slots, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, positions, slots, mask, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, mask, rows)
+        return x + self.mlp(self.post_attention_layernorm(x), rows)
 
 
 class Decoder(nn.Module):
@@ -246,8 +247,12 @@ class Decoder(nn.Module):
         if not _native_attention(input_ids.shape[1]):
             key_positions = torch.ones_like(positions[0, :1]).expand(self.context).cumsum(0) - 1
             mask = (key_positions.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [b, 1, L, context]
+        # a prompt's bucket: the linears compute its real tokens only (the padding's outputs are zeros,
+        # which the cache positions past the prompt hold until generation overwrites them)
+        b, length = input_ids.shape
+        rows = last + 1 if b == 1 and length > 1 else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, slots, mask)
+            x = layer(x, cos, sin, positions, slots, mask, rows)
         x = x[torch.arange(x.shape[0]), last]  # only the rows' last real tokens reach the LM head
         return (self.lm_head(self.model.norm(x)), *self.caches())
 

@@ -22,4 +22,11 @@ else:
     from . import parallel_state
     from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
-__all__ = ["NAME", "ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "parallel_state"]
+__all__ = ["NAME", "ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "parallel_state", "project"]
+
+
+def project(layer, x, rows=None):
+    """layer(x) over x's first `rows` rows only (a one-element tensor: a bucket's real rows; the
+    padding rows' outputs are zeros, not computed), where tpserve's layers run; neuronx_distributed's
+    layers take x whole."""
+    return layer(x) if rows is None or NAME != "cpu" else layer(x, rows)

@@ -61,12 +61,15 @@ class _ParallelLayer(nn.Module):
 class _LinearLayer(_ParallelLayer):
     """A layer that multiplies by its rank's weight matrix (fp32, or int8 / int4 once quantized)."""
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias) with this rank's weight: fp32, or int8 / int4 after quantize()."""
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) with this rank's weight: fp32, or int8 / int4 after quantize(). rows (a
+        tpserve extension of the layers' forward): only x's first `rows` rows are real, the rest a
+        bucket's padding, whose outputs come back zero without being computed (native_ops.linear)."""
         if hasattr(self, "qweight"):
             op = native_ops.linear_int8 if self.weight_bits == 8 else native_ops.linear_int4
-            return op(x, self.qweight, self.scale, self.minimum, bias)
-        return native_ops.linear(x, self.weight, bias)
+            return op(x, self.qweight, self.scale, self.minimum, bias, rows)
+        return native_ops.linear(x, self.weight, bias, rows)
 
     def quantize(self, bits: int) -> None:
         """Weight-only int8 or int4 in groups of 32 input features, each group with an fp32 scale and
@@ -122,8 +125,8 @@ class FusedLinear(_LinearLayer):
             self.bias = nn.Parameter(torch.cat([b.detach() if b is not None else torch.zeros(n)
                                                 for b, n in zip(biases, self.sizes, strict=True)]), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self._matmul(x, self.bias).split(self.sizes, dim=-1))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return list(self._matmul(x, self.bias, rows).split(self.sizes, dim=-1))
 
 
 class _ParallelLinear(_LinearLayer):
@@ -152,8 +155,8 @@ class ColumnParallelLinear(_ParallelLinear):
         start = self.tp_rank * self.local_out
         copy_slice(param, source, 0, start, self.local_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x, self.bias)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        y = self._matmul(x, self.bias, rows)
         if self.gather_output and self.tp_size > 1:
             y = collectives.all_gather(y, y.dim() - 1, self.tp_rank, self.tp_size)
         return y
@@ -178,11 +181,11 @@ class RowParallelLinear(_ParallelLinear):
         start = self.tp_rank * self.local_in
         copy_slice(param, source, 1, start, self.local_in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if not self.input_is_parallel and self.tp_size > 1:
             start = self.tp_rank * self.local_in
             x = x[..., start:start + self.local_in]
-        y = self._matmul(x)
+        y = self._matmul(x, rows=rows)
         if self.tp_size > 1:
             y = collectives.all_reduce(y, self.tp_rank, self.tp_size)
         return y + self.bias if self.bias is not None else y

@@ -70,27 +70,30 @@ def ops():
     return torch.ops.tpserve
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear that reads the weights from memory once when x has at most 64 rows (24 on one
-    thread; csrc/linear.cpp)."""
-    return ops().linear(x, weight, bias)
+    thread; csrc/linear.cpp). rows (a one-element tensor): only x's first `rows` rows (leading
+    dimensions flattened) are real, the rest a bucket's padding: their outputs are zeros, not computed."""
+    return ops().linear(x, weight, bias, rows)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 8-bit weights in groups of 32 (w = scale * q + minimum, q in 0..255; qweight
     [N, K] uint8, csrc/linear_quantized.cpp): widened in registers against the fp32 inputs for up to
-    8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized for a GEMM beyond."""
-    return ops().linear_int8(x, qweight, scale, minimum, bias)
+    8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized for a GEMM beyond.
+    rows: as linear's."""
+    return ops().linear_int8(x, qweight, scale, minimum, bias, rows)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
     qweight [N, K / 2] packed as csrc/linear_quantized.cpp describes): unpacked in registers against
     the fp32 inputs for up to 8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized
-    for a GEMM beyond."""
-    return ops().linear_int4(x, qweight, scale, minimum, bias)
+    for a GEMM beyond. rows: as linear's."""
+    return ops().linear_int4(x, qweight, scale, minimum, bias, rows)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,14 +33,11 @@ using tpserve_simd::cpu_has_avx2_fma;
 using tpserve_simd::kPrefetchBytes;
 using tpserve_simd::max_streamed_rows;
 
-// y = x W^T + bias for x of at most max_streamed_rows() rows; output features split over the threads,
+// y [M, N] = x W^T + bias for x of at most max_streamed_rows() rows; output features split over the threads,
 // each thread streaming its own contiguous block of W (tile by tile beyond kMaxRows rows).
-at::Tensor stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+void stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / K;
   const at::Tensor xc = x.contiguous();
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
   const float* xp = xc.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
@@ -51,7 +48,7 @@ at::Tensor stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
     const RowsKernel kernel = kKernels[M - 1];
     at::parallel_for(0, N, grain,
                      [&](int64_t begin, int64_t end) { kernel(xp, wp, bp, yp, K, N, begin, end, kPrefetchBytes); });
-    return y;
+    return;
   }
   const int64_t tile = std::max<int64_t>(8, kTileBytes / row_bytes);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -78,7 +75,6 @@ at::Tensor stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
       }
     }
   });
-  return y;
 }
 
 bool few_float_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -89,13 +85,32 @@ bool few_float_rows(const at::Tensor& x, const at::Tensor& weight, const c10::op
          !weight.requires_grad() && cpu_has_avx2_fma();
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  if (!few_float_rows(x, weight, bias)) return at::linear(x, weight, bias);
-  return stream_rows(x, weight, bias);
+// rows (a one-element tensor, optional): only the first `rows` rows of x (its leading dimensions
+// flattened) are real, the rest padding of a bucket: their outputs are zeros, not computed.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& rows) {
+  const int64_t used = tpserve_simd::used_rows(x, rows);
+  if (used == x.numel() / std::max<int64_t>(1, x.size(-1))) {
+    if (!few_float_rows(x, weight, bias)) return at::linear(x, weight, bias);
+    at::Tensor y = tpserve_simd::empty_output(x, weight.size(0));
+    stream_rows(x, weight, bias, y);
+    return y;
+  }
+  at::Tensor y = tpserve_simd::empty_output(x, weight.size(0));
+  at::Tensor y2 = y.view({-1, weight.size(0)});
+  y2.narrow(0, used, y2.size(0) - used).zero_();
+  if (used == 0) return y;
+  const at::Tensor head = x.reshape({-1, x.size(-1)}).narrow(0, 0, used);
+  at::Tensor out = y2.narrow(0, 0, used);
+  if (few_float_rows(head, weight, bias))
+    stream_rows(head, weight, bias, out);
+  else
+    at::linear_out(out, head, weight, bias);
+  return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tpserve, m) { m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(tpserve, m) { m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? rows=None) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) { m.impl("linear", TORCH_FN(linear)); }

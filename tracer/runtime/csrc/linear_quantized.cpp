@@ -217,7 +217,8 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, const 
 
 template <int Bits>
 at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                         const at::Tensor& minimum, const c10::optional<at::Tensor>& bias) {
+                         const at::Tensor& minimum, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& rows) {
   const char* op = Bits == 8 ? "tpserve::linear_int8" : "tpserve::linear_int4";
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(), op,
               ": qweight must be contiguous uint8 [N, K * ", Bits, " / 8]");
@@ -225,19 +226,26 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
   TORCH_CHECK(K % kGroup == 0 && scale.sizes() == at::IntArrayRef({N, K / kGroup}) && minimum.sizes() == scale.sizes(),
               op, ": one scale and one minimum per group of 32 weights");
   TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weights ", K);
-  const int64_t M = x.numel() / K;
+  // rows: only the first rows of x are real (linear.cpp); the padding rows' outputs are zeros
+  const int64_t M = tpserve_simd::used_rows(x, rows);
+  at::Tensor y = tpserve_simd::empty_output(x, N);
+  y.view({-1, N}).narrow(0, M, y.numel() / std::max<int64_t>(1, N) - M).zero_();
+  if (M == 0) return y;
   // up to 64 rows on any thread count: dequantizing tile by tile beats dequantizing the whole matrix
   // for MKL, which tpserve::linear's one-thread limit (24 rows, fp32 weights ready) does not account for
-  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M > 0 && M <= kMaxTiledRows &&
+  const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M <= kMaxTiledRows &&
                       scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat &&
                       scale.is_contiguous() && minimum.is_contiguous() && !x.requires_grad() &&
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && cpu_has_avx2_fma();
-  if (!stream) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor head = x.reshape({-1, K}).narrow(0, 0, M);
+  if (!stream) {
+    if (M == head.size(0) && !rows) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
+    at::Tensor out = y.view({-1, N}).narrow(0, 0, M);
+    at::linear_out(out, head, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
+    return y;
+  }
+  const at::Tensor xc = head.contiguous();
   const float* in = xc.data_ptr<float>();
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const float *dw = scale.data_ptr<float>(), *mw = minimum.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
@@ -283,8 +291,8 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tpserve, m) {
-  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) {

@@ -1,7 +1,10 @@
 // Helpers shared by the AVX2 kernels (linear.cpp, linear_quantized.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <immintrin.h>
 
@@ -37,6 +40,22 @@ inline int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24;
 // threads: fp32 4-row steps ~13 -> ~17 GB/s; the int8 / int4 1-row step's linears 13.3 -> 8.6 ms and
 // 7.1 -> 5.5 ms (the hardware prefetcher alone falls behind the several rows streamed at once).
 constexpr int64_t kPrefetchBytes = 4096;
+
+// How many leading rows of x (its leading dimensions flattened) the linears compute: `rows`' value
+// (a one-element tensor: a bucket's real rows, the rest padding), else all of them.
+inline int64_t used_rows(const at::Tensor& x, const c10::optional<at::Tensor>& rows) {
+  const int64_t all = x.numel() / std::max<int64_t>(1, x.size(-1));
+  if (!rows) return all;
+  TORCH_CHECK(rows->numel() == 1, "tpserve linear: rows must hold one number");
+  return std::clamp<int64_t>(rows->item<int64_t>(), 0, all);
+}
+
+// The output of a linear of x with N output features: x's shape with N last.
+inline at::Tensor empty_output(const at::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
 
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
