@@ -18,7 +18,7 @@ def _rope(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 48, 64), (3, 5)])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 48, 64), (3, 5), (2, 77)])  # 77: 8 at a time + the rest
 def test_rms_norm_equals_the_formula(shape):
     g = torch.Generator().manual_seed(len(shape))
     x, weight = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)

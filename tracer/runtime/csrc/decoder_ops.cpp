@@ -19,6 +19,23 @@
 
 namespace {
 
+// Sum of a row's squares in double: 8 at a time over two 4-lane accumulators (one chain of scalar
+// double adds was latency-bound: 40 rows of 576 took ~30 us, 61 norms per SmolLM2 prompt).
+__attribute__((target("avx2,fma"))) double sum_of_squares(const float* row, int64_t D) {
+  __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(row + d)), hi = _mm256_cvtps_pd(_mm_loadu_ps(row + d + 4));
+    a = _mm256_fmadd_pd(lo, lo, a);
+    b = _mm256_fmadd_pd(hi, hi, b);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(a, b));
+  double squares = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; d < D; ++d) squares += static_cast<double>(row[d]) * row[d];
+  return squares;
+}
+
 // weight * (x * rsqrt(mean(x^2) + eps)) over the last dimension (Llama's RMSNorm, in fp32).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t D = x.size(-1);
@@ -29,10 +46,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor y = at::empty_like(xc);
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const bool avx2 = tpserve_simd::cpu_has_avx2_fma();
   for (int64_t r = 0; r < xc.numel() / D; ++r) {
     const float* row = xp + r * D;
     double squares = 0.0;
-    for (int64_t d = 0; d < D; ++d) squares += static_cast<double>(row[d]) * row[d];
+    if (avx2) {
+      squares = sum_of_squares(row, D);
+    } else {
+      for (int64_t d = 0; d < D; ++d) squares += static_cast<double>(row[d]) * row[d];
+    }
     const float inv = 1.0f / std::sqrt(static_cast<float>(squares / D) + static_cast<float>(eps));
     for (int64_t d = 0; d < D; ++d) yp[r * D + d] = wp[d] * (row[d] * inv);
   }
