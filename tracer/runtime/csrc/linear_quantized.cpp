@@ -228,18 +228,18 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
   TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weights ", K);
   // rows: only the first rows of x are real (linear.cpp); the padding rows' outputs are zeros
   const int64_t M = tpserve_simd::used_rows(x, rows);
-  at::Tensor y = tpserve_simd::empty_output(x, N);
-  y.view({-1, N}).narrow(0, M, y.numel() / std::max<int64_t>(1, N) - M).zero_();
-  if (M == 0) return y;
   // up to 64 rows on any thread count: dequantizing tile by tile beats dequantizing the whole matrix
   // for MKL, which tpserve::linear's one-thread limit (24 rows, fp32 weights ready) does not account for
   const bool stream = x.device().is_cpu() && x.scalar_type() == at::kFloat && M <= kMaxTiledRows &&
                       scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat &&
                       scale.is_contiguous() && minimum.is_contiguous() && !x.requires_grad() &&
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && cpu_has_avx2_fma();
+  if (!stream && !rows) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
+  at::Tensor y = tpserve_simd::empty_output(x, N);
+  y.view({-1, N}).narrow(0, M, y.numel() / std::max<int64_t>(1, N) - M).zero_();
+  if (M == 0) return y;
   const at::Tensor head = x.reshape({-1, K}).narrow(0, 0, M);
   if (!stream) {
-    if (M == head.size(0) && !rows) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
     at::Tensor out = y.view({-1, N}).narrow(0, 0, M);
     at::linear_out(out, head, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
     return y;
