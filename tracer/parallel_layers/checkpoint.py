@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointKeyError, CheckpointShapeError
+from ..safetensors_reader import SafetensorsFile
 from . import backend
 from .layers import copy_slice, shape_of
-from .safetensors_reader import SafetensorsFile
 
 
 @contextlib.contextmanager

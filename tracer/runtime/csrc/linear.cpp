@@ -96,17 +96,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
     stream_rows(x, weight, bias, y);
     return y;
   }
-  at::Tensor y = tpserve_simd::empty_output(x, weight.size(0));
-  at::Tensor y2 = y.view({-1, weight.size(0)});
-  y2.narrow(0, used, y2.size(0) - used).zero_();
-  if (used == 0) return y;
-  const at::Tensor head = x.reshape({-1, x.size(-1)}).narrow(0, 0, used);
-  at::Tensor out = y2.narrow(0, 0, used);
-  if (few_float_rows(head, weight, bias))
-    stream_rows(head, weight, bias, out);
+  const tpserve_simd::RealRows real = tpserve_simd::real_rows(x, weight.size(0), used);
+  if (used == 0) return real.y;
+  at::Tensor out = real.out;
+  if (few_float_rows(real.x, weight, bias))
+    stream_rows(real.x, weight, bias, out);
   else
-    at::linear_out(out, head, weight, bias);
-  return y;
+    at::linear_out(out, real.x, weight, bias);
+  return real.y;
 }
 
 }  // namespace

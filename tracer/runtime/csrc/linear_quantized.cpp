@@ -235,16 +235,15 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
                       scale.is_contiguous() && minimum.is_contiguous() && !x.requires_grad() &&
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && cpu_has_avx2_fma();
   if (!stream && !rows) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
-  at::Tensor y = tpserve_simd::empty_output(x, N);
-  y.view({-1, N}).narrow(0, M, y.numel() / std::max<int64_t>(1, N) - M).zero_();
-  if (M == 0) return y;
-  const at::Tensor head = x.reshape({-1, K}).narrow(0, 0, M);
+  const tpserve_simd::RealRows real = tpserve_simd::real_rows(x, N, M);
+  if (M == 0) return real.y;
   if (!stream) {
-    at::Tensor out = y.view({-1, N}).narrow(0, 0, M);
-    at::linear_out(out, head, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
-    return y;
+    at::Tensor out = real.out;
+    at::linear_out(out, real.x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
+    return real.y;
   }
-  const at::Tensor xc = head.contiguous();
+  const at::Tensor& y = real.y;
+  const at::Tensor xc = real.x.contiguous();
   const float* in = xc.data_ptr<float>();
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const float *dw = scale.data_ptr<float>(), *mw = minimum.data_ptr<float>();

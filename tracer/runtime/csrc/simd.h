@@ -57,6 +57,18 @@ inline at::Tensor empty_output(const at::Tensor& x, int64_t N) {
   return at::empty(shape, x.options());
 }
 
+// A linear of x with N output features whose first `used` rows are real: the output y with its
+// padding rows zeroed, and the real rows of x and of y, flattened to [used, K] and [used, N].
+struct RealRows {
+  at::Tensor y, x, out;
+};
+inline RealRows real_rows(const at::Tensor& x, int64_t N, int64_t used) {
+  at::Tensor y = empty_output(x, N);
+  const at::Tensor flat = y.view({-1, N});
+  flat.narrow(0, used, flat.size(0) - used).zero_();
+  return {y, x.reshape({-1, x.size(-1)}).narrow(0, 0, used), flat.narrow(0, 0, used)};
+}
+
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
