@@ -20,14 +20,14 @@ def threads(request):
 
 @pytest.fixture(params=["avx512", "avx2"])
 def simd(request, monkeypatch):
-    """The quantized kernels' 16-lane path (where the CPU has AVX-512) and the 8-lane one."""
+    """The kernels' 16-lane path (where the CPU has AVX-512) and the 8-lane one."""
     monkeypatch.setenv("TPSERVE_SIMD", request.param)
     return request.param
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 24, 25, 40, 64, 65])
 @pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
-def test_linear_equals_f_linear(rows, features, threads):
+def test_linear_equals_f_linear(rows, features, threads, simd):
     k, n = features
     g = torch.Generator().manual_seed(rows * 1000 + k)
     x = torch.randn(rows, 1, k, generator=g)
@@ -36,6 +36,22 @@ def test_linear_equals_f_linear(rows, features, threads):
         got, want = native_ops.linear(x, w, bias), F.linear(x, w, bias)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_rows_equal_each_row_alone(simd):
+    """Up to 64 rows (2 threads: one pass, or passes over tiles) each row gives exactly what it gives
+    alone: a generation step's tokens do not depend on the sequences batched with it, nor a prompt's
+    rows on the bucket's other rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(64, 584, generator=g), torch.randn(203, 584, generator=g), torch.randn(203, generator=g)
+        alone = torch.cat([native_ops.linear(x[i:i + 1], w, b) for i in range(64)])
+        for rows in (2, 3, 4, 5, 7, 8, 9, 13, 24, 40, 64):
+            assert torch.equal(native_ops.linear(x[:rows], w, b), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_linear_takes_strided_inputs_and_leaves_other_dtypes_to_aten():

@@ -20,12 +20,10 @@
 
 namespace {
 
-using tpserve_fp32::kKernels;
 using tpserve_fp32::kMaxRows;  // one pass over the weights for all rows
 using tpserve_fp32::RowsKernel;
-// More rows, up to max_streamed_rows() (simd.h): passes of kChunkRows rows over tiles of W small
+// More rows, up to max_streamed_rows() (simd.h): passes of kernels().chunk rows over tiles of W small
 // enough to stay in L2, so W still comes from memory once.
-constexpr int64_t kChunkRows = 4;  // 4 rows x 3 weight rows: 12 FMAs per 7 loads
 constexpr int64_t kTileBytes = 128 * 1024;
 constexpr int64_t kBlockRows = 6;  // weight rows per kernel call within a pass
 
@@ -44,8 +42,9 @@ void stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(float));
   const int64_t grain = std::max<int64_t>(64, (64 * 1024) / row_bytes);
+  const tpserve_fp32::Kernels kernels = tpserve_fp32::kernels();
   if (M <= kMaxRows) {
-    const RowsKernel kernel = kKernels[M - 1];
+    const RowsKernel kernel = kernels.rows[M - 1];
     at::parallel_for(0, N, grain,
                      [&](int64_t begin, int64_t end) { kernel(xp, wp, bp, yp, K, N, begin, end, kPrefetchBytes); });
     return;
@@ -58,14 +57,14 @@ void stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optio
       // of kBlockRows weight rows: spread over all the passes, the memory streams while the core
       // computes (in bursts, one per pass, the prefetches stalled the core: SmolLM2's 16-token prompt
       // 44 -> 37 ms, 48 tokens 85 -> 80 ms, alternating in one process)
-      const int64_t passes = (M + kChunkRows - 1) / kChunkRows;
+      const int64_t passes = (M + kernels.chunk - 1) / kernels.chunk;
       const int64_t blocks = passes * ((t1 - t0 + kBlockRows - 1) / kBlockRows);
       const int64_t next_lines = (std::min(end, t1 + tile) - t1) * row_bytes / 64;
       const int64_t lines_per_block = (next_lines + blocks - 1) / blocks;
       const char* next = reinterpret_cast<const char*>(wp + t1 * K);
       int64_t line = 0;
-      for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
-        const RowsKernel kernel = kKernels[std::min(kChunkRows, M - m0) - 1];
+      for (int64_t m0 = 0; m0 < M; m0 += kernels.chunk) {
+        const RowsKernel kernel = kernels.rows[std::min(kernels.chunk, M - m0) - 1];
         for (int64_t n0 = t0; n0 < t1; n0 += kBlockRows) {
           for (const int64_t stop = std::min(next_lines, line + lines_per_block); line < stop; ++line)
             _mm_prefetch(next + line * 64, _MM_HINT_T1);

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -257,14 +258,16 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
     // and multiplied by linear.cpp's kernel (SmolLM2's weight set, 48 rows, 2 threads: int4 111 -> 77
     // ms, int8 109 -> 80; one thread, against dequantizing the whole matrix for MKL: int4 440 -> 148)
     const int64_t tile_rows = std::max<int64_t>(8, kFloatTileBytes / (K * static_cast<int64_t>(sizeof(float))));
+    const tpserve_fp32::Kernels kernels = tpserve_fp32::kernels();
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> w(std::min(tile_rows, end - begin) * K);
+      std::vector<float> buffer(std::min(tile_rows, end - begin) * K + 16);
+      float* w = buffer.data() + (-reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float)) % 16;  // 64-byte aligned
       for (int64_t t0 = begin; t0 < end; t0 += tile_rows) {
         const int64_t t1 = std::min(end, t0 + tile_rows);
-        dequantize_rows<Bits>(qw, dw, mw, w.data(), K, t0, t1);
-        for (int64_t m0 = 0; m0 < M; m0 += kChunkRows)
-          tpserve_fp32::kKernels[std::min(kChunkRows, M - m0) - 1](in + m0 * K, w.data(), bp ? bp + t0 : nullptr,
-                                                                  yp + m0 * N + t0, K, N, 0, t1 - t0, 0);
+        dequantize_rows<Bits>(qw, dw, mw, w, K, t0, t1);
+        for (int64_t m0 = 0; m0 < M; m0 += kernels.chunk)
+          kernels.rows[std::min(kernels.chunk, M - m0) - 1](in + m0 * K, w, bp ? bp + t0 : nullptr, yp + m0 * N + t0,
+                                                           K, N, 0, t1 - t0, 0);
       }
     });
     return y;
