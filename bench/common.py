@@ -1,6 +1,8 @@
 """Shared benchmark helpers: medians after warm-up, markdown rows, a keep-alive HTTP client."""
 
 import http.client
+import os
+import platform
 import statistics
 import time
 
@@ -39,3 +41,20 @@ def http_session(port: int, path: str, body_of):
             return answer
         return send
     return make
+
+
+def machine() -> str:
+    """The CPU the numbers come from (this project's machines change between runs: AVX2 only, AMD Zen 4,
+    Intel with AVX-512; tpserve's kernels take the widest vectors the CPU has)."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    vectors = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {vectors}"

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from bench import llama_cpp_peer
-from bench.common import table
+from bench.common import machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import start_server  # noqa: E402
@@ -227,6 +227,7 @@ def main() -> None:
                  f"{int8_bytes / bandwidth / 1e6:.1f}", "", "", ""])
     rows.append([f"memory floor, int4: {int4_bytes / 1e6:.0f} MB of int4 weights, scales and int8 head ÷ "
                  f"{bandwidth:.0f} GB/s", "", f"{int4_bytes / bandwidth / 1e6:.1f}", "", "", ""])
+    print(f"machine: {machine()}")
     print(f"SmolLM2-135M-Instruct fp32; prompt {len(question)} tokens (first token), {len(story)} tokens + "
           f"{NEW_TOKENS} new (per token); copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(table(["system", "first token ms", "per token ms (1 stream)", "per token ms (4 streams)",

