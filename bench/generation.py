@@ -61,7 +61,8 @@ def hf_reference(directory: Path, tokens: list[int]) -> tuple[list[int], float]:
     return logits.argmax(-1).tolist(), math.exp(-logprobs.mean().item())
 
 
-def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float]:
+def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float, list[int]]:
+    """(first-token ms, ms per token, the first 8 greedy tokens: what a peer must answer too)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
@@ -76,7 +77,9 @@ def hf_row(directory: Path, prompt: list[int]) -> tuple[float, float]:
     run(4)
     first = statistics.median(run(1) for _ in range(REPEATS))
     whole = statistics.median(run(NEW_TOKENS) for _ in range(3))
-    return first * 1000, (whole - first) / (NEW_TOKENS - 1) * 1000
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    return first * 1000, (whole - first) / (NEW_TOKENS - 1) * 1000, greedy
 
 
 def timed_generate(generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, float]:
@@ -197,15 +200,16 @@ def main() -> None:
         head = math.prod(f.get_slice("model.embed_tokens.weight").get_shape())
     int8_bytes = (linear + head) * 1.25  # a byte per weight + an fp32 scale and minimum per 32 weights
     int4_bytes = linear * 0.75 + head * 1.25  # half a byte + the same; the LM head int8
-    hf_first, hf_token = hf_row(directory, question)
+    hf_first, hf_token, hf_greedy = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
-    peer = llama_cpp_peer.ensure_venv()
+    peer = llama_cpp_peer.working_peer(smollm2_gguf(), question, hf_greedy)  # built, and answering right
     llama = peer and llama_cpp_peer.measure(peer, smollm2_gguf(), question, story, NEW_TOKENS, REPEATS)
     if llama:
-        rows.append([f"llama.cpp ({llama_cpp_peer.PACKAGES[0]}), the same GGUF (Q4_1), 2 threads",
+        rows.append([f"llama.cpp ({llama_cpp_peer.PACKAGES[0]}, {peer.label()}), the same GGUF (Q4_1), 2 threads",
                      f"{llama[0]:.0f}", f"{llama[1]:.1f}", "", "", f"{llama[1] / hf_token:.2f}×"])
     else:
-        rows.append(["llama.cpp: skipped (llama-cpp-python could not be built or run; see stderr)", "", "", "", "", ""])
+        rows.append(["llama.cpp: skipped (llama-cpp-python could not be built, run or answer right; see stderr)",
+                     "", "", "", "", ""])
     text = list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     hf_top1, hf_perplexity = hf_reference(directory, text)
     results, quality = {}, {}

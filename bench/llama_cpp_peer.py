@@ -5,7 +5,7 @@ virtualenv under <repo>/.bench-venvs/llama-cpp (bench/peer_venv.py), and is meas
 subprocess running that venv's Python: the prompt goes in as token ids (the same chat-templated ids
 tpserve and Hugging Face get), greedy, n_threads as for the others.
 
-    .venv/bin/python -m bench.llama_cpp_peer   # build (if needed) and print one measurement
+    .venv/bin/python -m bench.llama_cpp_peer ["portable AVX2"]   # build (if needed), print its python
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import peer_venv
 
 PACKAGES = ["llama-cpp-python==0.3.36"]
 
-# Run by the peer venv's Python: argv = gguf path, prompt ids (JSON), new tokens, repeats, threads.
+# Run by the peer venv's Python: argv = gguf path, prompt ids (JSON), new tokens, repeats, threads, n_batch.
 MEASURE = r"""
 import json, statistics, sys, time
 from llama_cpp import Llama
-path, prompt, new_tokens, repeats, threads = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
-llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+path, prompt, new_tokens, repeats, threads, batch = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:7])
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=batch, verbose=False)
 def run(n):
     llm.reset()  # no prompt-prefix reuse between runs: every run evaluates the whole prompt
     stamps, start = [], time.perf_counter()
@@ -43,19 +44,81 @@ print(json.dumps({"first_ms": first * 1000, "per_token_ms": statistics.median(ga
 """
 
 
-def ensure_venv() -> Path | None:
+# Run by the peer venv's Python: argv = gguf path, prompt ids (JSON), new tokens, n_batch; prints the greedy ids.
+GREEDY = r"""
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, n_threads_batch=2, n_batch=int(sys.argv[4]), verbose=False)
+ids = []
+for token in llm.generate(json.loads(sys.argv[2]), top_k=1, temp=0.0, reset=True):
+    ids.append(token)
+    if len(ids) == int(sys.argv[3]):
+        break
+print(json.dumps(ids))
+"""
+
+# llama.cpp built for this CPU (-march=native), else for any AVX2 CPU, prompts in one batch; else the
+# native build evaluating prompts token by token (n_batch 1: its time to first token is then not
+# llama.cpp's best, its per-token time is). On an Intel Xeon with AMX here, llama-cpp-python 0.3.36's
+# native build crashed on prompts of 2+ tokens in one batch (its AMX kernels), and with its extra
+# buffer types off, or built for AVX2, answered the capital question with wrong tokens
+# ("L'Étoile, la Marseilla"); token by token, its native build answers right.
+BUILDS = {"native": {}, "portable AVX2": {"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON "
+                                                        "-DGGML_FMA=ON -DGGML_F16C=ON",
+                                          "PIP_NO_CACHE_DIR": "1"}}  # not the native wheel from pip's cache
+CONFIGURATIONS = [("native", 512), ("portable AVX2", 512), ("native", 1)]
+
+
+@dataclass
+class Peer:
+    python: Path
+    build: str
+    batch: int  # n_batch: 1 = prompts token by token
+
+    def label(self) -> str:
+        return self.build + (" build, prompts token by token" if self.batch == 1 else " build")
+
+
+def ensure_venv(build: str = "native") -> Path | None:
     """Return the python of a virtualenv with llama-cpp-python built (building it once), or None."""
-    return peer_venv.ensure_venv("llama-cpp", PACKAGES, "import llama_cpp")
+    name = "llama-cpp" if build == "native" else "llama-cpp-avx2"
+    return peer_venv.ensure_venv(name, PACKAGES, "import llama_cpp", BUILDS[build])
 
 
-def measure(python: Path, gguf: Path, first_prompt: list[int], story: list[int], new_tokens: int, repeats: int,
+def greedy_ids(peer: Peer, gguf: Path, prompt: list[int], n: int) -> list[int] | None:
+    try:
+        out = subprocess.run([str(peer.python), "-c", GREEDY, str(gguf), json.dumps(prompt), str(n), str(peer.batch)],
+                             check=True, capture_output=True, text=True, timeout=600)
+    except subprocess.SubprocessError as error:
+        print(f"llama.cpp peer failed: {str(error)[-200:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def working_peer(gguf: Path, prompt: list[int], expected: list[int]) -> Peer | None:
+    """The first configuration that builds and whose greedy tokens for `prompt` are `expected` (Hugging
+    Face's on the same weights); None where none does."""
+    for build, batch in CONFIGURATIONS:
+        python = ensure_venv(build)
+        if python is None:
+            continue
+        peer = Peer(python, build, batch)
+        got = greedy_ids(peer, gguf, prompt, len(expected))
+        if got == expected:
+            return peer
+        print(f"llama.cpp ({peer.label()}) answered {got}, not {expected}: not measured", file=sys.stderr)
+    return None
+
+
+def measure(peer: Peer, gguf: Path, first_prompt: list[int], story: list[int], new_tokens: int, repeats: int,
             threads: int = 2) -> tuple[float, float] | None:
     """(first-token ms for first_prompt, median ms between tokens generating from story), or None."""
     results = []
     for prompt, n in ((first_prompt, 1), (story, new_tokens)):
         try:
-            out = subprocess.run([str(python), "-c", MEASURE, str(gguf), json.dumps(prompt), str(n), str(repeats),
-                                  str(threads)], check=True, capture_output=True, text=True, timeout=1800)
+            out = subprocess.run([str(peer.python), "-c", MEASURE, str(gguf), json.dumps(prompt), str(n), str(repeats),
+                                  str(threads), str(peer.batch)], check=True, capture_output=True, text=True,
+                                 timeout=1800)
         except subprocess.SubprocessError as error:
             print(f"llama.cpp peer failed: {error}", file=sys.stderr)
             return None
@@ -64,5 +127,5 @@ def measure(python: Path, gguf: Path, first_prompt: list[int], story: list[int],
 
 
 if __name__ == "__main__":
-    python = ensure_venv()
-    print("llama.cpp peer:", python)
+    build = sys.argv[1] if len(sys.argv) > 1 else "native"
+    print("llama.cpp peer:", ensure_venv(build))
