@@ -254,7 +254,8 @@ def main() -> None:
             f"tp={tp} {w} {results[tp, w][1] / llama_token:.2f}×" for tp, w in ((1, "int8"), (2, "int8"), (1, "int4"),
                                                                                  (2, "int4"))) +
               "; first token: " + ", ".join(f"tp={tp} {w} {results[tp, w][0] / llama_first:.2f}×" for tp, w in results))
-    print(f"served − in-process first token (tp=1, alternating requests, chat template on both sides): "
+    print(f"served − in-process first token (tp=1, blocks of requests to each side in turn, chat template on both "
+          f"sides): "
           f"{served['served'] - served['in-process']:.1f} ms ({served['served']:.0f} vs {served['in-process']:.0f} ms) "
           f"after {FRONTEND_WARM_UP} requests (TorchServe's round trip for a malformed request, warm: "
           f"{served['round trip']:.1f} ms); on the fresh server: "

@@ -1,4 +1,4 @@
-// Helpers shared by the AVX2 kernels (linear.cpp, linear_quantized.cpp).
+// Helpers shared by the AVX2 / AVX-512 kernels (linear.cpp, linear_quantized.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,8 +20,8 @@ inline bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// AVX-512 (F) for the quantized kernels' 16-lane path (linear_quantized.cpp). TPSERVE_SIMD=avx2 keeps
-// them on the 8-lane path (read on each call: the tests run both paths on an AVX-512 machine).
+// AVX-512 (F) for the kernels' 16-lane paths (fp32_rows.h, linear_quantized.cpp). TPSERVE_SIMD=avx2 keeps
+// them on the 8-lane paths (read on each call: the tests run both paths on an AVX-512 machine).
 inline bool use_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
                           __builtin_cpu_supports("fma");
