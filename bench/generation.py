@@ -125,8 +125,8 @@ FRONTEND_WARM_UP = 3000  # cheap requests before the warm measurement (TorchServ
 
 
 def served_first_token_ms(workdir: Path) -> dict[str, float]:
-    """Served and in-process first-token ms at tp 1, medians of requests that alternate between the
-    server and an in-process Generator on the same shards (sequential passes drift with the VM),
+    """Served and in-process first-token ms at tp 1, medians of short blocks of requests to the server
+    and to an in-process Generator on the same shards in turn (one long pass each drifts with the VM),
     on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
     round trip, HTTP to the worker and back, whose Java code runs slower until the JVM has compiled
     it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The in-process side
@@ -153,7 +153,7 @@ def served_first_token_ms(workdir: Path) -> dict[str, float]:
         response.read()
         return elapsed
 
-    def alternating() -> tuple[float, float]:
+    def in_blocks() -> tuple[float, float]:
         """Blocks of requests to each side in turn, the first 2 of each block not counted: the server's
         worker and this Generator hold a copy of the weights each, and a machine whose last-level
         cache holds most of one copy (480 MB on one machine here) runs whichever copy it has just
@@ -175,11 +175,11 @@ def served_first_token_ms(workdir: Path) -> dict[str, float]:
         return statistics.median(served) * 1000, statistics.median(local) * 1000
 
     try:
-        result = dict(zip(("served fresh", "in-process fresh"), alternating(), strict=True))
+        result = dict(zip(("served fresh", "in-process fresh"), in_blocks(), strict=True))
         round_trips = [timed("{", first_line=False) for _ in range(FRONTEND_WARM_UP)]
         result["round trip"] = statistics.median(round_trips[-100:]) * 1000
         time.sleep(10)  # the JVM's compiler threads finish (they took one of the 2 cores from both sides)
-        result.update(zip(("served", "in-process"), alternating(), strict=True))
+        result.update(zip(("served", "in-process"), in_blocks(), strict=True))
         connection.close()
         return result
     finally:
