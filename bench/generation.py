@@ -212,17 +212,17 @@ def main() -> None:
     int4_bytes = linear * 0.75 + head * 1.25  # half a byte + the same; the LM head int8
     hf_first, hf_token, hf_greedy = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
-    llama = []  # (label, first-token ms, per-token ms) of each llama.cpp configuration that runs here
+    llama = []  # (first-token ms, per-token ms) of each llama.cpp configuration that runs here
     for peer in llama_cpp_peer.peers(smollm2_gguf(), question, hf_greedy):
         measured = llama_cpp_peer.measure(peer, smollm2_gguf(), question, story, NEW_TOKENS, REPEATS)
         if measured:
-            llama.append((peer.label(), *measured))
+            llama.append(measured)
             rows.append([f"llama.cpp ({llama_cpp_peer.PACKAGES[0]}, {peer.label()}), the same GGUF (Q4_1), 2 threads",
                          f"{measured[0]:.0f}", f"{measured[1]:.1f}", "", "", f"{measured[1] / hf_token:.2f}×"])
     if not llama:
         rows.append(["llama.cpp: skipped (llama-cpp-python could not be built or run; see stderr)", "", "", "", "", ""])
     # the goals compare with llama.cpp's best here: its fastest per-token time and first token
-    llama_first, llama_token = (min(m[1] for m in llama), min(m[2] for m in llama)) if llama else (None, None)
+    llama_first, llama_token = (min(m[0] for m in llama), min(m[1] for m in llama)) if llama else (None, None)
     text = list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     hf_top1, hf_perplexity = hf_reference(directory, text)
     results, quality = {}, {}

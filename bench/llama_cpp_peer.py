@@ -102,9 +102,11 @@ def peers(gguf: Path, prompt: list[int], expected: list[int]) -> list[Peer]:
     for `prompt` are `expected` (Hugging Face's on the same weights)."""
     def tried(build: str, batch: int) -> Peer | None:
         python = ensure_venv(build)
-        peer = python and Peer(python, build, batch)
-        got = peer and greedy_ids(peer, gguf, prompt, len(expected))
-        if got is None:
+        if python is None:
+            return None
+        peer = Peer(python, build, batch)
+        got = greedy_ids(peer, gguf, prompt, len(expected))
+        if got is None:  # it crashed or failed: not a configuration to measure
             return None
         peer.agrees = got == expected
         return peer

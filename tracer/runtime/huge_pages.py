@@ -8,8 +8,9 @@ SmolLM2 shapes' linears over 30 layers, alternating in one process: 1 row 18.4 -
 60.7 -> 57.1 ms.
 
 So the weights file is read straight into one buffer advised so (tracer.safetensors_reader), each
-tensor a view of it (no second copy of the weights, as copying load_file's tensors would briefly need). Elsewhere (not
-Linux, huge pages off) the buffer is ordinary memory: the same tensors, the same speed as before.
+tensor a view of it (no second copy of the weights, as copying load_file's tensors would briefly
+need). Elsewhere (not Linux, huge pages off) the buffer is ordinary memory: the same tensors, the
+same speed as before.
 """
 
 from __future__ import annotations
