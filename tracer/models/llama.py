@@ -18,6 +18,7 @@ graph's own in-place write is the update (the returned tensor is the buffer itse
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,17 +70,24 @@ class DecoderConfig:
 
 
 def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling exactly as the checkpoint's Hugging Face model computes them
-    (default, linear, llama3, yarn ... scaling); length-dependent ("dynamic") scaling is refused."""
+    """inv_freq and attention scaling as the checkpoint's Hugging Face model computes them (default,
+    linear, llama3, yarn ... scaling); length-dependent ("dynamic") scaling is refused. The formulas
+    come from transformers.modeling_rope_utils, as LlamaRotaryEmbedding's do (importing that class
+    costs each trace worker ~2 s more)."""
     from transformers import AutoConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
     if "dynamic" in rope_type or "longrope" in rope_type:
         raise ValueError(f"rope_type {rope_type!r} depends on the sequence length; not supported")
-    rotary = LlamaRotaryEmbedding(config)
-    return rotary.inv_freq.float().clone(), float(rotary.attention_scaling)
+    if rope_type == "default":  # LlamaRotaryEmbedding.compute_default_rope_parameters
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq, scaling = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    return inv_freq.float().clone(), float(scaling)
 
 
 # On the CPU backend the norm and the rotation are one tpserve op each (csrc/decoder_ops.cpp: a step
@@ -232,6 +240,12 @@ class Decoder(nn.Module):
         self.attention_scaling = attention_scaling
         self.context = context
 
+    def set_context(self, context: int) -> None:
+        """The positions each graph traced next attends (a bucket's; nothing else depends on it)."""
+        self.context = context
+        for layer in self.model.layers:
+            layer.self_attn.context = context
+
     def caches(self) -> list[torch.Tensor]:
         return [t for layer in self.model.layers for t in (layer.self_attn.cache_k, layer.self_attn.cache_v)]
 
@@ -268,12 +282,23 @@ def checkpoint_file(model_dir: Path) -> Path:
 def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dict]:
     """A `func` for parallel_model_trace: this rank's shard, the weights read slice by slice from
     model_dir/model.safetensors, and the caches as states ({cache: output index})."""
-    model_dir = Path(model_dir)
+    checkpoint = checkpoint_file(model_dir).stat()
+    shard = (parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank())
+    model = _built(Path(model_dir), tuple(sorted(runtime.items())), shard, (checkpoint.st_size, checkpoint.st_mtime_ns))
+    model.set_context(context)
+    return model, {cache: 1 + i for i, cache in enumerate(model.caches())}
+
+
+# One model per process, the last one built: a build's buckets differ only in `context`, so a rank
+# reads, fuses and quantizes the weights once instead of once per bucket (SmolLM2 int4, 31 buckets).
+@functools.lru_cache(maxsize=1)
+def _built(model_dir: Path, runtime: tuple, shard: tuple, checkpoint_stamp: tuple) -> Decoder:
+    runtime = dict(runtime)
     config = DecoderConfig.from_hf(read_hf_config(model_dir), **runtime)
     if config.weights != "fp32" and not _CPU_BACKEND:
         raise ValueError(f"weights={config.weights!r} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
     inv_freq, scaling = rope_parameters(model_dir)
-    model = Decoder(config, inv_freq, scaling, context)
+    model = Decoder(config, inv_freq, scaling, context=0)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
     if config.tie_word_embeddings and model.lm_head.weight.shape == model.model.embed_tokens.weight.shape:
@@ -289,5 +314,4 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
                 module.quantize(8)       # 81 % of next tokens (its GGUF holds the head in Q8_0, not Q4_1)
             elif hasattr(module, "quantize"):
                 module.quantize(bits)
-    model.eval()
-    return model, {cache: 1 + i for i, cache in enumerate(model.caches())}
+    return model.eval()
