@@ -118,6 +118,27 @@ def test_a_tied_lm_head_is_stored_once_and_bound_to_the_embedding(random_qwen2, 
         generator.close()
 
 
+@pytest.mark.parametrize("rope_parameters", [
+    None, {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_parameters_equal_hugging_faces(tmp_path, rope_parameters):
+    """The rotation's inv_freq and attention scaling (computed without importing the Llama model)
+    equal LlamaRotaryEmbedding's for the default and the scaled RoPE types."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from tracer.models.llama import rope_parameters as ours
+
+    extra = {} if rope_parameters is None else {"rope_parameters": {"rope_theta": 10000.0, **rope_parameters}}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, **extra)
+    config.save_pretrained(tmp_path)
+    hf = LlamaRotaryEmbedding(LlamaConfig.from_pretrained(tmp_path))
+    inv_freq, scaling = ours(tmp_path)
+    assert torch.equal(inv_freq, hf.inv_freq.float()) and scaling == hf.attention_scaling
+
+
 def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(random_llama, tmp_path):
     directory, _ = random_llama
     shards = _trace(directory, tmp_path, 2)
