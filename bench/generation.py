@@ -7,6 +7,7 @@ then each model's quality next to Hugging Face fp32 (teacher-forced on a fixed t
 perplexity).
 
     .venv/bin/python -m bench.generation
+    .venv/bin/python -m bench.generation --served   # only the served first token and where it goes
 """
 
 from __future__ import annotations
@@ -122,15 +123,20 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
 
 
 FRONTEND_WARM_UP = 3000  # cheap requests before the warm measurement (TorchServe's JVM compiles its hot paths)
+SERVED_PARTS = ["before handler", "parse", "model", "answer", "handler's rest", "after handler"]
 
 
-def served_first_token_ms(workdir: Path) -> dict[str, float]:
+def served_first_token_ms(workdir: Path) -> dict:
     """Served and in-process first-token ms at tp 1, medians of short blocks of requests to the server
     and to an in-process Generator on the same shards in turn (one long pass each drifts with the VM),
     on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
     round trip, HTTP to the worker and back, whose Java code runs slower until the JVM has compiled
     it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The in-process side
-    includes the chat template, as the server does."""
+    includes the chat template, as the server does. Where the served time goes (warm): the worker's
+    own timings (handler/timings.py) joined with the client's send and first-line times: before the
+    handler (client, frontend, queue with up to maxBatchDelay, IPC), its phases, after it."""
+    import os
+
     from tracer.engine.generator import Generator, SamplingParams
 
     store = workdir / "store"
@@ -138,53 +144,113 @@ def served_first_token_ms(workdir: Path) -> dict[str, float]:
                     "--max-context", "512", "--model-name", "smollm2", "--export-path", str(store),
                     "--archive-format", "no-archive"], check=True, capture_output=True)
     (workdir / "ts").mkdir()
-    server = start_server(workdir / "ts", store, "smollm2")
+    timings = workdir / "timings.jsonl"
+    os.environ["TPSERVE_TIMINGS"] = str(timings)  # the worker inherits it
+    try:
+        server = start_server(workdir / "ts", store, "smollm2")
+    finally:
+        os.environ.pop("TPSERVE_TIMINGS")
     generator = Generator(store / "smollm2")
     generator.warm_up()
     connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
+    sent: dict[str, tuple[float, float]] = {}  # request id -> (sent, first line received), wall clock
 
     def timed(body: str, first_line: bool) -> float:
-        start = time.perf_counter()
-        connection.request("POST", "/predictions/smollm2", body=body, headers={"Content-Type": "application/json"})
+        request_id = f"bench-{len(sent)}"
+        start = time.time()
+        connection.request("POST", "/predictions/smollm2", body=body, headers={
+            "Content-Type": "application/json", "X-Request-Id": request_id})
         response = connection.getresponse()
         if first_line:
             response.readline()  # the first line carries the first token
-        elapsed = time.perf_counter() - start
+        received = time.time()
         response.read()
-        return elapsed
+        sent[request_id] = (start, received)
+        return received - start
 
-    def in_blocks() -> tuple[float, float]:
+    def in_blocks() -> tuple[float, float, dict[str, float], list[str]]:
         """Blocks of requests to each side in turn, the first 2 of each block not counted: the server's
         worker and this Generator hold a copy of the weights each, and a machine whose last-level
         cache holds most of one copy (480 MB on one machine here) runs whichever copy it has just
-        read faster (one at a time: 68-73 ms; alternating request by request: ~120 ms for both)."""
+        read faster (one at a time: 68-73 ms; alternating request by request: ~120 ms for both).
+        Returns the two medians, the in-process parse and model medians, and the served requests' ids."""
         body = json.dumps({"messages": QUESTION, "max_new_tokens": 1, "stream": True})
-        served, local = [], []
+        served, local, ids, local_parts = [], [], [], {"parse": [], "model": []}
         for _ in range(4):
-            for side, times in (("served", served), ("local", local)):
-                block = []
-                for _ in range(5):
+            for side in ("served", "local"):
+                for i in range(5):
                     time.sleep(0.1)
                     if side == "served":
-                        block.append(timed(body, first_line=True))
-                    else:
-                        start = time.perf_counter()
-                        generator.generate([generator.encode(messages=QUESTION)], SamplingParams(max_new_tokens=1))
-                        block.append(time.perf_counter() - start)
-                times += block[2:]
-        return statistics.median(served) * 1000, statistics.median(local) * 1000
+                        elapsed = timed(body, first_line=True)
+                        if i >= 2:
+                            served.append(elapsed)
+                            ids.append(f"bench-{len(sent) - 1}")
+                        continue
+                    start = time.perf_counter()
+                    prompt = generator.encode(messages=QUESTION)
+                    parsed = time.perf_counter()
+                    generator.generate([prompt], SamplingParams(max_new_tokens=1))
+                    if i >= 2:
+                        local.append(time.perf_counter() - start)
+                        local_parts["parse"].append(parsed - start)
+                        local_parts["model"].append(time.perf_counter() - parsed)
+        return (statistics.median(served) * 1000, statistics.median(local) * 1000,
+                {k: statistics.median(v) * 1000 for k, v in local_parts.items()}, ids)
 
     try:
-        result = dict(zip(("served fresh", "in-process fresh"), in_blocks(), strict=True))
+        fresh = in_blocks()
+        result = {"served fresh": fresh[0], "in-process fresh": fresh[1]}
         round_trips = [timed("{", first_line=False) for _ in range(FRONTEND_WARM_UP)]
         result["round trip"] = statistics.median(round_trips[-100:]) * 1000
         time.sleep(10)  # the JVM's compiler threads finish (they took one of the 2 cores from both sides)
-        result.update(zip(("served", "in-process"), in_blocks(), strict=True))
+        result["served"], result["in-process"], result["local parts"], ids = in_blocks()
+        after_model = []  # the same round trip when a first token has just streamed the weights through the caches
+        for _ in range(20):
+            generator.generate([generator.encode(messages=QUESTION)], SamplingParams(max_new_tokens=1))
+            after_model.append(timed("{", first_line=False))
+        result["round trip after model"] = statistics.median(after_model) * 1000
         connection.close()
+        result["parts"] = served_parts(ids, sent, timings)
         return result
     finally:
         generator.close()
         server.stop()
+
+
+def served_parts(ids: list[str], sent: dict[str, tuple[float, float]], timings: Path) -> dict[str, float]:
+    """Median ms of each part of the served requests' time to first token (medians: the parts add up
+    only roughly)."""
+    lines = {r["id"]: r for r in map(json.loads, timings.read_text().splitlines())}
+    parts = {name: [] for name in SERVED_PARTS}
+    for request_id in ids:
+        r, (start, received) = lines[request_id], sent[request_id]
+        own, shared = r["own"], r["shared"]
+        parse, model, answer = own.get("parse", 0), shared.get("model", 0), shared.get("answer", 0)
+        parts["before handler"].append(r["start"] - start)
+        parts["parse"].append(parse)
+        parts["model"].append(model)
+        parts["answer"].append(answer)
+        parts["handler's rest"].append(r["end"] - r["start"] - parse - model - answer)
+        parts["after handler"].append(received - r["end"])
+    return {name: statistics.median(v) * 1000 for name, v in parts.items()}
+
+
+def print_served(served: dict) -> None:
+    print(f"served − in-process first token (tp=1, blocks of requests to each side in turn, chat template on both "
+          f"sides): "
+          f"{served['served'] - served['in-process']:.1f} ms ({served['served']:.0f} vs {served['in-process']:.0f} ms) "
+          f"after {FRONTEND_WARM_UP} requests (TorchServe's round trip for a malformed request, warm: "
+          f"{served['round trip']:.1f} ms); on the fresh server: "
+          f"{served['served fresh'] - served['in-process fresh']:.1f} ms ({served['served fresh']:.0f} vs "
+          f"{served['in-process fresh']:.0f} ms)")
+    parts, local = served["parts"], served["local parts"]
+    print(f"where the first token's time goes, warm (medians, ms; parse: the chat template and tokenizing); "
+          f"TorchServe's round trip for a malformed request right after an in-process first token: "
+          f"{served['round trip after model']:.1f} ms:")
+    print(table(["", *SERVED_PARTS, "all but the model"],
+                [["served", *(f"{parts[k]:.2f}" for k in SERVED_PARTS), f"{sum(parts.values()) - parts['model']:.2f}"],
+                 ["in-process", "", f"{local['parse']:.2f}", f"{local['model']:.2f}", "", "", "",
+                  f"{local['parse']:.2f}"]]))
 
 
 def main() -> None:
@@ -254,13 +320,7 @@ def main() -> None:
             f"tp={tp} {w} {results[tp, w][1] / llama_token:.2f}×" for tp, w in ((1, "int8"), (2, "int8"), (1, "int4"),
                                                                                  (2, "int4"))) +
               "; first token: " + ", ".join(f"tp={tp} {w} {results[tp, w][0] / llama_first:.2f}×" for tp, w in results))
-    print(f"served − in-process first token (tp=1, blocks of requests to each side in turn, chat template on both "
-          f"sides): "
-          f"{served['served'] - served['in-process']:.1f} ms ({served['served']:.0f} vs {served['in-process']:.0f} ms) "
-          f"after {FRONTEND_WARM_UP} requests (TorchServe's round trip for a malformed request, warm: "
-          f"{served['round trip']:.1f} ms); on the fresh server: "
-          f"{served['served fresh'] - served['in-process fresh']:.1f} ms ({served['served fresh']:.0f} vs "
-          f"{served['in-process fresh']:.0f} ms)")
+    print_served(served)
     print(f"quality, teacher-forced on tests/data/quality_text.txt ({len(text)} tokens; HF fp32 perplexity "
           f"{hf_perplexity:.3f}):")
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
@@ -269,4 +329,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--served"]:  # only the served first token and where its time goes (~4 min)
+        with tempfile.TemporaryDirectory() as workdir:
+            print(f"machine: {machine()}")
+            print_served(served_first_token_ms(Path(workdir)))
+    else:
+        main()

@@ -39,6 +39,7 @@ from handler.generation_requests import GenerationRequest, answer, parse_generat
 from handler.openai_api import CHAT, COMPLETIONS, MODELS, NATIVE
 from handler.openai_generation import final_answer, parse_openai_generation, stream_event
 from handler.request_parsing import RequestError, request_body
+from handler.timings import Timings
 from handler.worker_threads import threads_per_rank
 from tracer.engine.generator import Generator
 from tracer.engine.running_batch import RunningBatch
@@ -71,6 +72,7 @@ class GenerationHandler(BaseHandler):
         self.running: dict[str, GenerationRequest] = {}  # TorchServe request id -> its request
         self.closing: dict[str, GenerationRequest] = {}  # answered over REST in one chunk, to end next step
         self.created = openai_api.created_now()
+        self.timings = Timings()
         logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d%s in %.1fs",
                     self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
                     threads, " continuous batching" if self.continuous else "", time.time() - started)
@@ -78,6 +80,12 @@ class GenerationHandler(BaseHandler):
 
     def _is_explain(self) -> bool:
         return False
+
+    def handle(self, data, context):
+        self.timings.begin(len(data))
+        answers = super().handle(data, context)
+        self.timings.write(context)
+        return answers
 
     def preprocess(self, data) -> list[GenerationRequest]:
         requests = []
@@ -87,36 +95,44 @@ class GenerationHandler(BaseHandler):
                 requests.append(self.running.get(request_id) or self.closing[request_id])
                 continue
             path = openai_api.route(self.context, idx)
-            try:
-                openai_api.check_route(path, (COMPLETIONS, CHAT))
-                value, content_type = request_body(self.context, idx, row)
-                if path == NATIVE:
-                    request = parse_generation(value, content_type, self.generator, self.max_new_tokens)
-                elif path == MODELS:
-                    request = GenerationRequest(route=MODELS)
-                else:
-                    body = openai_api.read_json(value, content_type)
-                    request = parse_openai_generation(path, body, self.generator, self.max_new_tokens,
-                                                      self.context.model_name)
-            except RequestError as exc:
-                request = GenerationRequest(route=path)
-                request.fail(exc.status, str(exc))
-            except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
-                logger.warning("tpserve: request %d unreadable: %s", idx, last_line(exc))
-                request = GenerationRequest(route=path)
-                request.fail(400, f"could not read the request ({type(exc).__name__})")
+            with self.timings.phase("parse", idx):
+                request = self._parse(idx, row, path)
             request.id = request_id
             request.grpc = isinstance(row, dict) and "json" in row
             requests.append(request)
         return requests
 
+    def _parse(self, idx: int, row, path: str) -> GenerationRequest:
+        """Request idx, checked and tokenized (chat template applied), or failed with its 4xx."""
+        try:
+            openai_api.check_route(path, (COMPLETIONS, CHAT))
+            value, content_type = request_body(self.context, idx, row)
+            if path == NATIVE:
+                request = parse_generation(value, content_type, self.generator, self.max_new_tokens)
+            elif path == MODELS:
+                request = GenerationRequest(route=MODELS)
+            else:
+                body = openai_api.read_json(value, content_type)
+                request = parse_openai_generation(path, body, self.generator, self.max_new_tokens,
+                                                  self.context.model_name)
+        except RequestError as exc:
+            request = GenerationRequest(route=path)
+            request.fail(exc.status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd request must not fail its batch
+            logger.warning("tpserve: request %d unreadable: %s", idx, last_line(exc))
+            request = GenerationRequest(route=path)
+            request.fail(400, f"could not read the request ({type(exc).__name__})")
+        return request
+
     def inference(self, requests: list[GenerationRequest], *args, **kwargs) -> list[GenerationRequest]:
-        return self._step(requests) if self.continuous else self._whole_batch(requests)
+        with self.timings.phase("model"):  # whole batches: the whole generation, streamed lines included
+            return self._step(requests) if self.continuous else self._whole_batch(requests)
 
     def postprocess(self, requests: list[GenerationRequest]) -> list[str | None]:
-        if self.continuous:
-            return self._step_answers(requests)
-        return [self._answer(idx, request, finished=True) for idx, request in enumerate(requests)]
+        with self.timings.phase("answer"):
+            if self.continuous:
+                return self._step_answers(requests)
+            return [self._answer(idx, request, finished=True) for idx, request in enumerate(requests)]
 
     # ---- whole batches ---------------------------------------------------------------------------
     def _whole_batch(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:

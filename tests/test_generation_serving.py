@@ -3,6 +3,7 @@
 import concurrent.futures
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +30,14 @@ def llm_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory, llm_store):
-    server = start_server(tmp_path_factory.mktemp("ts"), llm_store, "smollm2")
+    """Its worker writes handler/timings.py's lines to server.timings."""
+    tmp = tmp_path_factory.mktemp("ts")
+    os.environ["TPSERVE_TIMINGS"] = str(tmp / "timings.jsonl")
+    try:
+        server = start_server(tmp, llm_store, "smollm2")
+    finally:
+        del os.environ["TPSERVE_TIMINGS"]
+    server.timings = tmp / "timings.jsonl"
     yield server
     server.stop()
 
@@ -77,6 +85,23 @@ def test_chat_answer_is_right_and_equals_in_process(llm, in_process):
     prompt = in_process.encode(messages=CAPITAL["messages"])
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(body["token_ids"])}
     assert body["token_ids"] == in_process.generate([prompt], SamplingParams(max_new_tokens=64))[0].token_ids
+
+
+def test_timings_say_where_a_generation_spent_its_time(llm):
+    """handler/timings.py for generation (bench/generation.py's served breakdown): the request's line,
+    found by its X-Request-Id, with the handler's wall-clock start/end inside the client's, the chat
+    template's parse, the model and the answer."""
+    sent = time.time()
+    headers = {"Content-Type": "application/json", "X-Request-Id": "timed-2"}
+    request = urllib.request.Request(llm.url, data=json.dumps({**CAPITAL, "max_new_tokens": 2}).encode(),
+                                     method="POST", headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200 and len(json.loads(response.read())["token_ids"]) == 2
+    received = time.time()
+    (line,) = [r for r in map(json.loads, llm.timings.read_text().splitlines()) if r["id"] == "timed-2"]
+    assert sent <= line["start"] <= line["end"] <= received and line["batch"] >= 1
+    assert line["own"]["parse"] > 0 and line["shared"]["answer"] > 0
+    assert 0 < line["shared"]["model"] < line["end"] - line["start"]
 
 
 def test_stream_sends_one_line_per_token_then_finish_and_usage(llm):
