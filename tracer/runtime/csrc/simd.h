@@ -65,6 +65,7 @@ struct RealRows {
 inline RealRows real_rows(const at::Tensor& x, int64_t N, int64_t used) {
   at::Tensor y = empty_output(x, N);
   const at::Tensor flat = y.view({-1, N});
+  if (used == flat.size(0)) return {y, x.reshape({-1, x.size(-1)}), flat};  // no padding: no ops to dispatch for it
   flat.narrow(0, used, flat.size(0) - used).zero_();
   return {y, x.reshape({-1, x.size(-1)}).narrow(0, 0, used), flat.narrow(0, 0, used)};
 }
