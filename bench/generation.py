@@ -3,11 +3,13 @@
 int4 weights, and served (REST, streamed) at tp 1, next to Hugging Face generate() and llama.cpp
 (llama-cpp-python on the same GGUF, built in its own venv: bench/llama_cpp_peer.py) in the same run and
 the memory-bandwidth limit (weight bytes read per token ÷ this machine's measured copy bandwidth);
-then each model's quality next to Hugging Face fp32 (teacher-forced on a fixed text: top-1 agreement,
-perplexity).
+then where the served first token's time goes, per-token time against the max context (the KV
+cache's size), and each model's quality next to Hugging Face fp32 (teacher-forced on a fixed text:
+top-1 agreement, perplexity).
 
     .venv/bin/python -m bench.generation
     .venv/bin/python -m bench.generation --served   # only the served first token and where it goes
+    .venv/bin/python -m bench.generation --kv-cache # only per token against the max context
 """
 
 from __future__ import annotations
@@ -120,6 +122,45 @@ def in_process_rows(directory: Path, question: list[int], story: list[int], tp: 
     generator.close()
     return [statistics.median(one), statistics.median(per_token), statistics.median(f[1] for f in four),
             statistics.median(f[2] for f in four), statistics.median(single_rate)]
+
+
+MAX_CONTEXTS = (512, 2048, 8192)  # SmolLM2 reads up to 8192 positions
+LONG_PROMPT = 950  # tokens: its 64 new tokens attend the 1024-position context bucket
+
+
+def kv_cache_rows(directory: Path, story: list[int], long_prompt: list[int], workdir: Path) -> list[list[str]]:
+    """Per-token ms at tp 1, fp32, one row, for models built with a growing max context (so a
+    growing KV cache): the same positions attended cost the same whatever the cache's size, since a
+    step writes its new keys and values in place (O(new tokens)) and attends its context bucket
+    only; attending more positions (a 950-token prompt's tokens, bucket 1024) costs the attention."""
+    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.engine.generator import Generator
+
+    config = json.loads((directory / "config.json").read_text())
+    rows = []
+    for max_context in MAX_CONTEXTS:
+        shards = workdir / f"context-{max_context}"
+        long_fits = max_context >= LONG_PROMPT + NEW_TOKENS
+        trace_decoder(directory, config, 1, shards, prefill=[64, 1024] if long_fits else [64],
+                      max_context=max_context, batch_size=1)
+        states = json.loads((shards / "manifest.json").read_text())["runtime_states"]  # rank 0's caches
+        cache_mb = sum(math.prod(state["shape"]) * 4 for state in states.values()) / 1e6  # fp32
+        generator = Generator(shards)
+        generator.warm_up()
+        short = statistics.median(timed_generate(generator, [story], NEW_TOKENS)[1] for _ in range(3))
+        long = (statistics.median(timed_generate(generator, [long_prompt], NEW_TOKENS)[1] for _ in range(3))
+                if long_fits else None)
+        generator.close()
+        rows.append([str(max_context), f"{cache_mb:.0f}", f"{short:.1f}", "" if long is None else f"{long:.1f}"])
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def print_kv_cache(rows: list[list[str]], story: list[int]) -> None:
+    print(f"per token against the max context (tp=1, fp32, batch 1, {NEW_TOKENS} new tokens; ms):")
+    print(table(["max context", "KV cache MB per rank",
+                 f"positions {len(story)}–{len(story) + NEW_TOKENS} (bucket 128)",
+                 f"positions {LONG_PROMPT}–{LONG_PROMPT + NEW_TOKENS} (bucket 1024)"], rows))
 
 
 FRONTEND_WARM_UP = 3000  # cheap requests before the warm measurement (TorchServe's JVM compiles its hot paths)
@@ -303,6 +344,8 @@ def main() -> None:
                          f"{rate4:.0f} / {rate1:.0f} ({rate4 / rate1:.2f}×)", f"{token / hf_token:.2f}×"])
             print(rows[0], rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a failure later
         served = served_first_token_ms(Path(tmp))
+        long_prompt = (text * 3)[:LONG_PROMPT]
+        kv_cache = kv_cache_rows(directory, story, long_prompt, Path(tmp))
     rows.append(["tpserve served tp=1 (REST, streamed)", f"{served['served']:.0f}", "", "", "", ""])
     rows.append([f"memory floor: {weight_bytes / 1e6:.0f} MB of fp32 weights ÷ {bandwidth:.0f} GB/s copy bandwidth",
                  "", f"{floor_ms:.1f}", "", "", ""])
@@ -321,6 +364,7 @@ def main() -> None:
                                                                                  (2, "int4"))) +
               "; first token: " + ", ".join(f"tp={tp} {w} {results[tp, w][0] / llama_first:.2f}×" for tp, w in results))
     print_served(served)
+    print_kv_cache(kv_cache, story)
     print(f"quality, teacher-forced on tests/data/quality_text.txt ({len(text)} tokens; HF fp32 perplexity "
           f"{hf_perplexity:.3f}):")
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
@@ -328,10 +372,28 @@ def main() -> None:
                   f"{q['perplexity'] / hf_perplexity:.4f}"] for (tp, weights), q in quality.items()]))
 
 
+def kv_cache_only() -> None:
+    from transformers import AutoTokenizer
+
+    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+
+    torch.set_num_threads(2)
+    directory = convert_gguf(smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    ids = tokenizer.apply_chat_template(STORY, add_generation_prompt=True)
+    story = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    long_prompt = (list(tokenizer(QUALITY_TEXT.read_text())["input_ids"]) * 3)[:LONG_PROMPT]
+    with tempfile.TemporaryDirectory() as workdir:
+        print(f"machine: {machine()}")
+        print_kv_cache(kv_cache_rows(directory, story, long_prompt, Path(workdir)), story)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--served"]:  # only the served first token and where its time goes (~4 min)
+    if sys.argv[1:] == ["--served"]:  # only the served first token and where its time goes (~2 min)
         with tempfile.TemporaryDirectory() as workdir:
             print(f"machine: {machine()}")
             print_served(served_first_token_ms(Path(workdir)))
+    elif sys.argv[1:] == ["--kv-cache"]:  # only per token against the max context (~3 min)
+        kv_cache_only()
     else:
         main()
