@@ -130,11 +130,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, c: DecoderConfig, context: int) -> None:
+    def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
         tp, rank = parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank()
         layout = HeadLayout(c.num_attention_heads, c.num_key_value_heads, tp, rank)
-        hd, self.head_dim, self.context = c.head_dim, c.head_dim, context
+        hd, self.head_dim = c.head_dim, c.head_dim
+        self.context = 0  # positions attended: Decoder.set_context, per traced graph
         self.local_heads, self.local_kv = layout.local_heads, layout.local_kv
         self.q_proj = head_column_linear(c.hidden_size, c.num_attention_heads, layout.first_head,
                                          layout.local_heads, hd, c.qkv_bias)
@@ -212,9 +213,9 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: DecoderConfig, context: int) -> None:
+    def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(c, context)
+        self.self_attn = Attention(c)
         self.mlp = Mlp(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -228,17 +229,17 @@ class Decoder(nn.Module):
     """This rank's shard of a Llama-family causal LM (module names follow Hugging Face's, so a
     checkpoint loads by name: model.layers.N.self_attn.q_proj.weight, ...)."""
 
-    def __init__(self, c: DecoderConfig, inv_freq: torch.Tensor, attention_scaling: float, context: int) -> None:
+    def __init__(self, c: DecoderConfig, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         super().__init__()
         self.config = c
         self.model = nn.Module()
         self.model.embed_tokens = ParallelEmbedding(c.vocab_size, c.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(c, context) for _ in range(c.num_hidden_layers))
+        self.model.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = ColumnParallelLinear(c.hidden_size, c.vocab_size, bias=False, gather_output=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_scaling = attention_scaling
-        self.context = context
+        self.context = 0  # set_context, per traced graph
 
     def set_context(self, context: int) -> None:
         """The positions each graph traced next attends (a bucket's; nothing else depends on it)."""
@@ -298,7 +299,7 @@ def _built(model_dir: Path, runtime: tuple, shard: tuple, checkpoint_stamp: tupl
     if config.weights != "fp32" and not _CPU_BACKEND:
         raise ValueError(f"weights={config.weights!r} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
     inv_freq, scaling = rope_parameters(model_dir)
-    model = Decoder(config, inv_freq, scaling, context=0)
+    model = Decoder(config, inv_freq, scaling)
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load(str(checkpoint_file(model_dir)), model, ignore_unexpected=("model.rotary_emb",), aliases=aliases)
     if config.tie_word_embeddings and model.lm_head.weight.shape == model.model.embed_tokens.weight.shape:
