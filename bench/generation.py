@@ -317,8 +317,8 @@ def main() -> None:
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         linear = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith("proj.weight"))
         head = math.prod(f.get_slice("model.embed_tokens.weight").get_shape())
-    int8_bytes = (linear + head) * 1.25  # a byte per weight + an fp32 scale and minimum per 32 weights
-    int4_bytes = linear * 0.75 + head * 1.25  # half a byte + the same; the LM head int8
+    int8_bytes = (linear + head) * 1.125  # a byte per weight + a float16 scale and minimum per 32 weights
+    int4_bytes = linear * 0.625 + head * 1.125  # half a byte + the same; the LM head int8
     hf_first, hf_token, hf_greedy = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
     llama = []  # (first-token ms, per-token ms) of each llama.cpp configuration that runs here

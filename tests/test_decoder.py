@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tracer.build.decoder_checkpoint import trace_decoder
 from tracer.engine.generator import Generator, SamplingParams
 from tracer.errors import GenerationRequestError
+from tracer.runtime import native_ops
 
 PROMPTS = [[5, 17, 33, 2, 9], [7] * 13, [100, 3], [42]]  # the last one: a one-token prompt
 
@@ -346,8 +347,5 @@ def test_quantized_groups_reproduce_the_gguf_blocks_of_smollm2(smollm2):
             layer = ColumnParallelLinear(weight.shape[1], weight.shape[0], bias=False)
             layer.weight.data.copy_(weight)
             layer.quantize(bits)
-            q = layer.qweight.view(weight.shape[0], -1, 32 * bits // 8)
-            if bits == 4:
-                q = torch.cat([q & 15, q >> 4], -1)
-            values = (q.float() * layer.scale.unsqueeze(-1) + layer.minimum.unsqueeze(-1)).view_as(weight)
+            values = native_ops.quantized_values(layer.qweight, layer.scale, layer.minimum, bits)
             assert torch.equal(values, weight), (name, (values - weight).abs().max())

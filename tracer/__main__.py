@@ -58,8 +58,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="ranks traced at once (default: all)")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
                    help="generation: weight-only quantized linear layers and LM head, in groups of 32 weights "
-                        "with a scale and a minimum each: int8 (5/16 of fp32's bytes; holds GGUF Q8_0 / Q4_x "
-                        "blocks exactly), int4 (llama.cpp's Q4_1; the LM head int8)")
+                        "with a float16 scale and minimum each: int8 (9/32 of fp32's bytes; holds GGUF Q8_0 / "
+                        "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:

@@ -72,38 +72,44 @@ class _LinearLayer(_ParallelLayer):
         return native_ops.linear(x, self.weight, bias, rows)
 
     def quantize(self, bits: int) -> None:
-        """Weight-only int8 or int4 in groups of 32 input features, each group with an fp32 scale and
-        minimum (w = scale * q + minimum; q in 0..255 or 0..15), as csrc/linear_quantized.cpp reads
-        them. Call after the checkpoint is loaded; the fp32 weight is dropped. Each rank quantizes its
-        own part: groups lie inside this rank's columns (a shard's input features must divide by 32),
-        so shards and their scales split together. Per group the grid is the one that holds the group
-        best: from its minimum to its maximum, or (int8) symmetric around zero (absmax / 127), which
-        holds a GGUF Q8_0 block exactly where min-max would not."""
+        """Weight-only int8 or int4 in groups of 32 input features, each group with a float16 scale and
+        minimum (w = scale * q + minimum; q in 0..255 or 0..15: llama.cpp's Q4_1 / Q8_0 blocks), laid
+        out as csrc/quantized_blocks.h reads them. Call after the checkpoint is loaded; the fp32 weight
+        is dropped. Each rank quantizes its own part: groups lie inside this rank's columns (a shard's
+        input features must divide by 32), so shards and their scales split together. Per group the
+        grid is the one that holds the group best: from its minimum to its maximum, or (int8) symmetric
+        around zero (absmax / 127), which holds a GGUF Q8_0 block exactly where min-max would not."""
         weight = self.weight.detach()
         rows, features = weight.shape
         if features % 32:
             raise ValueError(f"int{bits} weights need input features per rank divisible by 32, got {features}")
         groups = weight.reshape(rows, features // 32, 32)
+        if groups.abs().amax() > 60000:
+            raise ValueError(f"int{bits} weights are stored with float16 scales: |weight| must stay below 60000")
         top = 2**bits - 1
-        minimum = groups.amin(-1)
-        scale = _nonzero((groups.amax(-1) - minimum) / top)  # a constant group: q = 0, w = minimum
+        minimum = _half(groups.amin(-1))  # the grid as stored, so that q is rounded against it
+        scale = _nonzero(_half((groups.amax(-1) - minimum) / top))  # a constant group: q = 0, w = minimum
         q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, top)
         if bits == 8:
-            step = _nonzero(groups.abs().amax(-1) / 127)
+            step = _nonzero(_half(groups.abs().amax(-1) / 127))
             q_sym = torch.round(groups / step.unsqueeze(-1)).clamp(-127, 127) + 128
             error = (q * scale.unsqueeze(-1) + minimum.unsqueeze(-1) - groups).abs().amax(-1)
             error_sym = ((q_sym - 128) * step.unsqueeze(-1) - groups).abs().amax(-1)
             sym = error_sym < error
             q = torch.where(sym.unsqueeze(-1), q_sym, q)
             scale, minimum = torch.where(sym, step, scale), torch.where(sym, -128 * step, minimum)
-        q = q.to(torch.uint8)
-        if bits == 4:  # two per byte: byte j of a group holds q[j] and q[j + 16]
-            q = q[..., :16] | (q[..., 16:] << 4)
+        q, scale, minimum = native_ops.quantized_blocks(q.to(torch.uint8).reshape(rows, features), scale.half(),
+                                                        minimum.half(), bits)  # the kernels' blocks of 16 rows
         del self.weight
         self.weight_bits = bits
-        self.qweight = nn.Parameter(q.reshape(rows, -1), requires_grad=False)
-        self.scale = nn.Parameter(scale.contiguous(), requires_grad=False)
-        self.minimum = nn.Parameter(minimum.contiguous(), requires_grad=False)
+        self.qweight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.minimum = nn.Parameter(minimum, requires_grad=False)
+
+
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """t's values as float16 holds them (still fp32)."""
+    return t.half().float()
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

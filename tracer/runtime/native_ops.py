@@ -81,19 +81,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias with 8-bit weights in groups of 32 (w = scale * q + minimum, q in 0..255; qweight
-    [N, K] uint8, csrc/linear_quantized.cpp): widened in registers against the fp32 inputs for up to
-    8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized for a GEMM beyond.
-    rows: as linear's."""
+    [N, K] uint8, scale and minimum [N, K / 32] float16, laid out by quantized_blocks): integer dot
+    products against the inputs rounded to 16 bits per group (|error| <= max|x| of the group / 65024),
+    generation steps and prompts alike. rows: as linear's."""
     return ops().linear_int8(x, qweight, scale, minimum, bias, rows)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + bias with 4-bit weights in groups of 32 (w = scale * q + minimum, llama.cpp's Q4_1;
-    qweight [N, K / 2] packed as csrc/linear_quantized.cpp describes): unpacked in registers against
-    the fp32 inputs for up to 8 rows, dequantized tile by tile for the fp32 kernel up to 64, dequantized
-    for a GEMM beyond. rows: as linear's."""
+    """linear_int8 with 4-bit weights (q in 0..15, llama.cpp's Q4_1; qweight [N, K / 2])."""
     return ops().linear_int4(x, qweight, scale, minimum, bias, rows)
+
+
+def quantized_blocks(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                     bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear_int8 / linear_int4's (qweight, scale, minimum) from q [N, K] (uint8: 0..255, or 0..15
+    for bits=4) and each group's scale and minimum [N, K / 32] (float16), laid out as
+    csrc/quantized_blocks.h describes: blocks of 16 weight rows (the last may hold fewer); in a block,
+    per group of 32 features, 4 features at a time (int4: 8, the second 4 in the high nibbles), each
+    row's 4 bytes in turn; the block's scales and minimums group by group."""
+    n, k = q.shape
+    groups = k // 32
+    packed, scales, minimums = [], [], []
+    full = n // 16 * 16
+    for start, rows, size in ((0, full, 16), (full, n - full, n - full)):
+        if rows == 0:
+            continue
+        b = q[start:start + rows].reshape(rows // size, size, groups, 8, 4)  # block, row, group, quad, j
+        if bits == 4:
+            b = b[:, :, :, 0::2] | (b[:, :, :, 1::2] << 4)
+        packed.append(b.permute(0, 2, 3, 1, 4).reshape(-1))
+        for t, parts in ((scale, scales), (minimum, minimums)):
+            parts.append(t[start:start + rows].reshape(rows // size, size, groups).transpose(1, 2).reshape(-1))
+    return (torch.cat(packed).view(n, k * bits // 8), torch.cat(scales).view(n, groups),
+            torch.cat(minimums).view(n, groups))
+
+
+def quantized_values(qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 weights [N, K] that linear_int8 / linear_int4's arguments hold."""
+    return ops().quantized_values(qweight, scale, minimum, bits)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,5 +1,4 @@
-// The fp32 streaming kernel's inner loops, shared by tpserve::linear (linear.cpp) and the quantized
-// linears' prompt path (linear_quantized.cpp, on tiles of dequantized weights).
+// The fp32 streaming kernel's inner loops (tpserve::linear, linear.cpp).
 #pragma once
 
 #include <immintrin.h>

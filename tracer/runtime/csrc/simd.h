@@ -20,7 +20,7 @@ inline bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// AVX-512 (F) for the kernels' 16-lane paths (fp32_rows.h, linear_quantized.cpp). TPSERVE_SIMD=avx2 keeps
+// AVX-512 (F) for the kernels' 16-lane paths (fp32_rows.h, quantized_blocks.h). TPSERVE_SIMD=avx2 keeps
 // them on the 8-lane paths (read on each call: the tests run both paths on an AVX-512 machine).
 inline bool use_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
@@ -32,8 +32,7 @@ inline bool use_avx512() {
 
 // Up to how many input rows the streaming kernels beat ATen's GEMM. Measured against MKL (MiniLM and
 // SmolLM2 weight sets, fp32): faster up to 64 rows on 2 threads (1.1-1.6x), on 1 thread only up to
-// 24 (MKL's blocked GEMM wins from 32 rows on). The int8 / int4 kernels stream up to 64 rows on any
-// thread count (linear_quantized.cpp: their alternative is dequantizing the whole matrix).
+// 24 (MKL's blocked GEMM wins from 32 rows on).
 inline int64_t max_streamed_rows() { return at::get_num_threads() > 1 ? 64 : 24; }
 
 // How far ahead in each weight row the kernels prefetch. Measured on the whole SmolLM2 weight set, 2
