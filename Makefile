@@ -30,7 +30,7 @@ $(MAR): $(MAR_INPUTS)
 # SmolLM2's tp: 1 (2 intra-op threads) measured best on this 2-core machine (README, generation benchmark)
 LLM_TP ?= 1
 # int4: SmolLM2's GGUF holds its linear layers in Q4_1 (its tied head in Q8_0), which int4 (with an int8
-# head) holds exactly: the same next tokens as fp32 on the quality text, ~3x faster per token here
+# head) holds exactly: the same next tokens as fp32 on the quality text, ~5x faster per token here
 # (README, generation benchmark); `make serve LLM_WEIGHTS=fp32` (or int8) for the others
 LLM_WEIGHTS ?= int4
 # a stamp per (tp, weights): `make serve LLM_TP=2` or `LLM_WEIGHTS=fp32` rebuilds SmolLM2

@@ -10,6 +10,7 @@ top-1 agreement, perplexity).
     .venv/bin/python -m bench.generation
     .venv/bin/python -m bench.generation --served   # only the served first token and where it goes
     .venv/bin/python -m bench.generation --kv-cache # only per token against the max context
+    .venv/bin/python -m bench.generation --rounds   # only per token, int4 / int8 and llama.cpp in turns
 """
 
 from __future__ import annotations
@@ -387,6 +388,58 @@ def kv_cache_only() -> None:
         print_kv_cache(kv_cache_rows(directory, story, text, Path(workdir)), story)
 
 
+ROUNDS = 5
+
+
+def rounds_against_llama_cpp(workdir: Path) -> None:
+    """Per token, tpserve int4 and int8 (tp=1) and llama.cpp's best build, one after another in each of
+    ROUNDS rounds: this VM's speed drifts within minutes, so the whole run's rows, minutes apart, can
+    disagree on a ratio that measuring side by side settles."""
+    from transformers import AutoTokenizer
+
+    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+    from tracer.engine.generator import Generator, SamplingParams
+
+    torch.set_num_threads(2)
+    directory = convert_gguf(smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    question, story = chat_ids(tokenizer, QUESTION), chat_ids(tokenizer, STORY)
+    config = json.loads((directory / "config.json").read_text())
+    generators = {}
+    for weights in ("int4", "int8"):
+        trace_decoder(directory, config, 1, workdir / weights, max_context=512, batch_size=4, weights=weights)
+        generators[weights] = Generator(workdir / weights)
+        generators[weights].warm_up()
+    greedy: list[int] = []  # tpserve's greedy answer (Hugging Face's: tested), to check llama.cpp's
+    generators["int4"].generate([question], SamplingParams(max_new_tokens=8),
+                                lambda row, token, done: greedy.append(token) if token is not None else None)
+    peer = next(iter(llama_cpp_peer.peers(smollm2_gguf(), question, greedy)), None)
+    measured: dict[str, list[float]] = {"int4": [], "int8": [], "llama.cpp": []}
+    for _ in range(ROUNDS):
+        if peer:
+            result = llama_cpp_peer.measure(peer, smollm2_gguf(), question, story, NEW_TOKENS, 3)
+            if result:
+                measured["llama.cpp"].append(result[1])
+        for weights, generator in generators.items():
+            measured[weights].append(statistics.median(timed_generate(generator, [story], NEW_TOKENS)[1]
+                                                       for _ in range(3)))
+    for generator in generators.values():
+        generator.close()
+    print(f"machine: {machine()}; copy bandwidth {copy_bandwidth_gbs():.1f} GB/s")
+    print(f"per token ms, tp=1, {ROUNDS} rounds (llama.cpp: {peer.label() if peer else 'not built here'}):")
+    rows = []
+    for name, values in measured.items():
+        if not values:
+            continue
+        ratio = ""
+        if name != "llama.cpp" and measured["llama.cpp"]:
+            ratios = [a / b for a, b in zip(values, measured["llama.cpp"], strict=False)]
+            ratio = f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}×)"
+        rows.append([name, " / ".join(f"{v:.1f}" for v in values), f"{statistics.median(values):.1f}", ratio])
+    print(table(["system", "per token each round", "median", "÷ llama.cpp in the same round, median (range)"], rows))
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--served"]:  # only the served first token and where its time goes (~2 min)
         with tempfile.TemporaryDirectory() as workdir:
@@ -394,5 +447,8 @@ if __name__ == "__main__":
             print_served(served_first_token_ms(Path(workdir)))
     elif sys.argv[1:] == ["--kv-cache"]:  # only per token against the max context (~1.5 min)
         kv_cache_only()
+    elif sys.argv[1:] == ["--rounds"]:  # only int4 / int8 and llama.cpp per token, in turns (~4 min)
+        with tempfile.TemporaryDirectory() as workdir:
+            rounds_against_llama_cpp(Path(workdir))
     else:
         main()
