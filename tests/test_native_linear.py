@@ -174,6 +174,21 @@ def test_quantized_rows_equal_each_row_alone(bits, simd):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_a_non_finite_input_row_spoils_only_its_own_outputs(bits, simd):
+    """A NaN or inf in one row (one sequence) gives non-finite outputs for that row, as F.linear
+    does, and leaves the other rows exactly as they are alone."""
+    g = torch.Generator().manual_seed(bits)
+    x, w = torch.randn(3, 576, generator=g), torch.randn(40, 576, generator=g)
+    args, _, _ = _min_max_groups(w, bits)
+    op = native_ops.linear_int8 if bits == 8 else native_ops.linear_int4
+    for bad in (float("nan"), float("inf")):
+        x[1, 100] = bad
+        y = op(x, *args)
+        assert not torch.isfinite(y[1]).any()
+        assert torch.equal(y[0], op(x[:1], *args)[0]) and torch.equal(y[2], op(x[2:], *args)[0])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_layer_stores_as_the_kernel_reads_and_refuses_ragged_groups(bits):
     from tracer.parallel_layers.layers import ColumnParallelLinear
 

@@ -49,8 +49,8 @@ inline void quantize_group_scalar(const float* x, int8_t* q1, int8_t* q2, float*
   for (int j = 0; j < kGroup; ++j) {
     const float a = std::nearbyint(x[j] * inverse);
     const float b = std::nearbyint(std::fma(-a, unit, x[j]) * inverse * 256.f);
-    q1[j] = static_cast<int8_t>(a);
-    q2[j] = static_cast<int8_t>(std::clamp(b, -128.f, 127.f));
+    q1[j] = static_cast<int8_t>(std::fmin(std::fmax(a, -128.f), 127.f));  // fmin / fmax: a NaN becomes a number
+    q2[j] = static_cast<int8_t>(std::fmin(std::fmax(b, -128.f), 127.f));  // (the group's sum keeps it NaN)
   }
   *step = unit / 256.f;
   *sum = s;
