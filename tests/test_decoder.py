@@ -349,3 +349,15 @@ def test_quantized_groups_reproduce_the_gguf_blocks_of_smollm2(smollm2):
             layer.quantize(bits)
             values = native_ops.quantized_values(layer.qweight, layer.scale, layer.minimum, bits)
             assert torch.equal(values, weight), (name, (values - weight).abs().max())
+
+
+def test_greedy_argmax_is_torchs_first_of_ties():
+    """The generator's argmax (numpy's on CPU, ~20x faster than torch's there) picks what
+    torch.argmax picks: the first of tied maxima, the first NaN."""
+    from tracer.engine.generator import _argmax
+
+    g = torch.Generator().manual_seed(0)
+    for logits in (torch.randn(49152, generator=g), torch.tensor([1.0, 3.0, 3.0, -1.0]),
+                   torch.tensor([0.5, float("nan"), 2.0, float("nan")]), torch.full((7,), -2.0),
+                   torch.randn(2, 300, generator=g)[1]):
+        assert _argmax(logits) == int(torch.argmax(logits))

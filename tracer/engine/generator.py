@@ -162,7 +162,7 @@ class Generator:
         logits = self._prefill(row)
         top1, logprobs = [], []
         for token in tokens:
-            top1.append(int(logits.argmax()))
+            top1.append(_argmax(logits))
             logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
             row.generated.append(token)
             logits = self._step([row])[0]
@@ -218,7 +218,7 @@ class Generator:
         p = row.params
         logits = logits.float()
         if p.temperature == 0:
-            return int(logits.argmax())
+            return _argmax(logits)
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -238,3 +238,9 @@ class Generator:
 
     def close(self) -> None:
         self.model.close()
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The first index of the largest logit. numpy's on CPU: torch's CPU argmax over SmolLM2's 49152
+    logits took 74 us here, numpy's 3 (a 4-row step paid it 4 times); the same first-of-ties rule."""
+    return int(logits.float().numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
