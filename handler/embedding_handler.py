@@ -63,10 +63,7 @@ class EmbeddingHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
-        self.timings.begin(len(data))
-        answers = super().handle(data, context)
-        self.timings.write(context)
-        return answers
+        return self.timings.around(super().handle, data, context)
 
     def preprocess(self, data) -> list[ParsedRequest]:
         requests = []

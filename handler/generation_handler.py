@@ -82,10 +82,7 @@ class GenerationHandler(BaseHandler):
         return False
 
     def handle(self, data, context):
-        self.timings.begin(len(data))
-        answers = super().handle(data, context)
-        self.timings.write(context)
-        return answers
+        return self.timings.around(super().handle, data, context)
 
     def preprocess(self, data) -> list[GenerationRequest]:
         requests = []

@@ -27,6 +27,13 @@ class Timings:
         self.path = os.environ.get(ENV) or None
         self.begin(0)
 
+    def around(self, handle, data, context):
+        """handle(data, context) (a handler's BaseHandler.handle) with this batch's timings around it."""
+        self.begin(len(data))
+        answers = handle(data, context)
+        self.write(context)
+        return answers
+
     def begin(self, size: int) -> None:
         self.started = time.time()
         self.own: list[dict[str, float]] = [defaultdict(float) for _ in range(size)]
