@@ -23,7 +23,7 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;
+constexpr int64_t kGroup = tpserve_blocks::kGroup;
 constexpr int64_t kRowTile = 256;  // input rows per pass over the weights: their quantized values stay in L2
 constexpr int64_t kBlockRows = tpserve_blocks::kBlockRows;
 
