@@ -48,6 +48,31 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def smollm2():
+    """SmolLM2's checkpoint folder (converted from the GGUF once) and its tokenizer; 2 threads, as
+    every system here runs."""
+    from transformers import AutoTokenizer
+
+    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+
+    torch.set_num_threads(2)
+    directory = convert_gguf(smollm2_gguf())
+    return directory, AutoTokenizer.from_pretrained(str(directory))
+
+
+def built_generator(directory: Path, tp: int, shards: Path, weights: str = "fp32"):
+    """SmolLM2 built into `shards` as the in-process rows use it (max context 512, batch 4), loaded and
+    warmed up."""
+    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.engine.generator import Generator
+
+    config = json.loads((directory / "config.json").read_text())
+    trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4, weights=weights)
+    generator = Generator(shards)
+    generator.warm_up()
+    return generator
+
+
 def copy_bandwidth_gbs() -> float:
     """Best of 5 copies of 512 MiB, bytes read + written per second."""
     a, b = torch.empty(2**27), torch.empty(2**27)
@@ -110,14 +135,7 @@ def timed_generate(generator, prompts: list[list[int]], new_tokens: int) -> tupl
 
 def in_process_rows(directory: Path, question: list[int], story: list[int], tp: int, workdir: Path,
                     weights: str = "fp32", quality: dict | None = None) -> list:
-    from tracer.build.decoder_checkpoint import trace_decoder
-    from tracer.engine.generator import Generator
-
-    config = json.loads((directory / "config.json").read_text())
-    shards = workdir / f"tp{tp}-{weights}"
-    trace_decoder(directory, config, tp, shards, max_context=512, batch_size=4, weights=weights)
-    generator = Generator(shards)
-    generator.warm_up()
+    generator = built_generator(directory, tp, workdir / f"tp{tp}-{weights}", weights)
     if quality is not None:  # teacher-forced on the fixed text, next to Hugging Face fp32's predictions
         text = quality["tokens"]
         top1, logprobs = generator.teacher_forced(text[:1], text[1:])
@@ -303,13 +321,9 @@ def print_served(served: dict) -> None:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
+    from tracer.build.gguf_import import smollm2_gguf
 
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
-
-    torch.set_num_threads(2)
-    directory = convert_gguf(smollm2_gguf())
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    directory, tokenizer = smollm2()
     question, story = chat_ids(tokenizer, QUESTION), chat_ids(tokenizer, STORY)
     bandwidth = copy_bandwidth_gbs()
     with safe_open(str(directory / "model.safetensors"), "pt") as f:  # the tied LM head is stored once
@@ -375,13 +389,7 @@ def main() -> None:
 
 
 def kv_cache_only() -> None:
-    from transformers import AutoTokenizer
-
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
-
-    torch.set_num_threads(2)
-    directory = convert_gguf(smollm2_gguf())
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    directory, tokenizer = smollm2()
     story, text = chat_ids(tokenizer, STORY), list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     with tempfile.TemporaryDirectory() as workdir:
         print(f"machine: {machine()}")
@@ -395,22 +403,12 @@ def rounds_against_llama_cpp(workdir: Path) -> None:
     """Per token, tpserve int4 and int8 (tp=1) and llama.cpp's best build, one after another in each of
     ROUNDS rounds: this VM's speed drifts within minutes, so the whole run's rows, minutes apart, can
     disagree on a ratio that measuring side by side settles."""
-    from transformers import AutoTokenizer
+    from tracer.build.gguf_import import smollm2_gguf
+    from tracer.engine.generator import SamplingParams
 
-    from tracer.build.decoder_checkpoint import trace_decoder
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
-    from tracer.engine.generator import Generator, SamplingParams
-
-    torch.set_num_threads(2)
-    directory = convert_gguf(smollm2_gguf())
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    directory, tokenizer = smollm2()
     question, story = chat_ids(tokenizer, QUESTION), chat_ids(tokenizer, STORY)
-    config = json.loads((directory / "config.json").read_text())
-    generators = {}
-    for weights in ("int4", "int8"):
-        trace_decoder(directory, config, 1, workdir / weights, max_context=512, batch_size=4, weights=weights)
-        generators[weights] = Generator(workdir / weights)
-        generators[weights].warm_up()
+    generators = {weights: built_generator(directory, 1, workdir / weights, weights) for weights in ("int4", "int8")}
     greedy: list[int] = []  # tpserve's greedy answer (Hugging Face's: tested), to check llama.cpp's
     generators["int4"].generate([question], SamplingParams(max_new_tokens=8),
                                 lambda row, token, done: greedy.append(token) if token is not None else None)
