@@ -32,6 +32,10 @@ def test_each_text_attends_to_itself_alone(lengths, padding, heads, dim):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     fallback = native_ops.packed_attention(q.double(), k.double(), v.double(), offsets, dim ** -0.5)  # ATen
     torch.testing.assert_close(fallback, _per_text(q.double(), k.double(), v.double(), lengths))
+    # read in place (BERT's fused q / k / v) or, k and v apart by different strides, copied first
+    for inputs in ((q, k.contiguous(), v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        torch.testing.assert_close(native_ops.packed_attention(*inputs, offsets, dim ** -0.5), expected,
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("offsets, message", [([1, 4], "run from 0"), ([0, 9], "at most 8 tokens"),

@@ -1,8 +1,8 @@
 """tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel (one pass up to 8 rows,
 tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear; tpserve::linear_int8 / int4
 (csrc/linear_quantized.cpp) equal F.linear with the dequantized weights up to their rounding of the
-inputs to 16 bits, and the layers store their groups as those kernels read them; with `rows`, all
-three compute a bucket's real rows only."""
+inputs to 16 bits (or 8, input_bits=8: the encoder's), and the layers store their groups as those
+kernels read them; with `rows`, all three compute a bucket's real rows only."""
 
 import pytest
 import torch
@@ -95,13 +95,13 @@ def _min_max_groups(w: torch.Tensor, bits: int):
     return args, (q.float() * d[..., None] + m[..., None]).view(rows, k), m.repeat_interleave(32, -1)
 
 
-def _assert_within_input_rounding(y, x, values, minimums, bias=None):
+def _assert_within_input_rounding(y, x, values, minimums, bias=None, input_bits=16):
     """y equals F.linear(x, values, bias) up to the kernels' 16-bit rounding of each input group
-    (csrc/quantized_blocks.h: |x - x'| <= max|x over its group| / 65024), bounded per output by
-    sum_k |w_k - m_k| |x_k - x'_k|, and fp32's summation."""
+    (csrc/quantized_blocks.h: |x - x'| <= max|x over its group| / 65024; 8 bits: / 254), bounded per
+    output by sum_k |w_k - m_k| |x_k - x'_k|, and fp32's summation."""
     x2 = x.reshape(-1, x.shape[-1])
     top = x2.abs().view(x2.shape[0], -1, 32).amax(-1).repeat_interleave(32, -1)
-    bound = F.linear(top, (values - minimums).abs()) / 65024
+    bound = F.linear(top, (values - minimums).abs()) / (65024 if input_bits == 16 else 254)
     expected = F.linear(x2, values, bias)
     error = (y.reshape(expected.shape) - expected).abs()
     assert (error <= bound + 1e-5 * expected.abs() + 1e-5).all(), (error - bound).max()
@@ -135,6 +135,29 @@ def test_quantized_inputs_keep_16_bits(bits):
         _assert_within_input_rounding(F.linear(coarse, values), x, values, minimums)
     _assert_within_input_rounding((native_ops.linear_int8 if bits == 8 else native_ops.linear_int4)(x, q, d, m), x,
                                   values, minimums)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 37, 300])
+def test_quantized_linear_with_8_bit_inputs(bits, rows, simd):
+    """input_bits=8: each group of inputs rounded to step * q (step = max|x| / 127, q in -127..127) and
+    the rest exact: F.linear of those rounded inputs, to fp32's summation (the minimum's term uses the
+    exact sum: the bound of the rounding holds too, and the 16-bit one does not)."""
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 576, generator=g), torch.randn(80, 576, generator=g), torch.randn(80, generator=g)
+    (q, d, m), values, minimums = _min_max_groups(w, bits)
+    op = native_ops.linear_int8 if bits == 8 else native_ops.linear_int4
+    y = op(x, q, d, m, b, input_bits=8)
+    groups = x.view(rows, -1, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    rounded = (torch.round(groups / step) * step).view(rows, 576)
+    expected = F.linear(rounded, values - minimums, b) + F.linear(x, minimums)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=2e-4)
+    _assert_within_input_rounding(y, x, values, minimums, b, input_bits=8)
+    with pytest.raises(AssertionError):
+        _assert_within_input_rounding(y, x, values, minimums, b)
+    with pytest.raises(RuntimeError, match="input_bits is 8 or 16"):
+        op(x, q, d, m, b, input_bits=4)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])

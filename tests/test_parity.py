@@ -47,8 +47,8 @@ def test_shards_really_are_sharded(minilm_tp2):
     """Each rank holds half of every column/row-parallel weight, and the all-reduce is in the graph."""
     for rank in range(2):
         graph = minilm_tp2.rank_modules(rank)[0]
-        q = getattr(graph.encoder.layer, "0").attention.self.query.weight
-        assert tuple(q.shape) == (192, 384)
+        qkv = getattr(graph.encoder.layer, "0").attention.self.qkv.weight  # query, key, value fused
+        assert tuple(qkv.shape) == (3 * 192, 384)
         assert tuple(graph.embeddings.word_embeddings.weight.shape) == (15261, 384)
         assert "tpserve::all_reduce" in str(graph.inlined_graph)
         # the op takes no group name (each thread binds its group): (x, rank, world_size) only

@@ -49,7 +49,7 @@ def max_seq_length(model_dir: Path, config: dict) -> int:
 
 def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, batch_size: int,
                      max_parallel_compilations: int | None = None,
-                     layout: str | None = None) -> tuple[dict, list[int], int, str]:
+                     layout: str | None = None, weights: str = "fp32") -> tuple[dict, list[int], int, str]:
     """Everything that can be wrong, checked before tracing, the architecture first. Returns (HF
     config, buckets, max_seq_length, layout). layout None: packed for a sentence-transformers model
     on the CPU backend, else padded (a plain BERT's output is per token; neuronx_distributed's
@@ -82,6 +82,7 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={config[name]}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    check_weights(config, tp_degree, weights)
     max_tokens = max_seq_length(model_dir, config)
     try:
         # half steps: a text is padded by at most a half (measured: batches of mixed texts 1.06x faster
@@ -102,6 +103,21 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     return config, buckets, max_tokens, layout
 
 
+def check_weights(config: dict, tp_degree: int, weights: str) -> None:
+    """fp32, or int8 (models/bert.py's quantize_encoder): tpserve's CPU kernels, whose groups of 32
+    input features lie inside each rank's shard."""
+    if weights not in ("fp32", "int8"):
+        raise UsageError(f"--weights {weights}: embedding models take fp32 or int8")
+    if weights == "fp32":
+        return
+    if backend.NAME != "cpu":
+        raise UsageError(f"--weights {weights} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
+    for name in ("hidden_size", "intermediate_size"):
+        if config[name] // tp_degree % 32:
+            raise UsageError(f"--weights {weights}: {name}={config[name]} / tp {tp_degree} is not a multiple of 32 "
+                             "(the weights' groups)")
+
+
 def check_output_dir(path: Path, flag: str = "--output") -> None:
     """A directory we can create or write into, checked without writing anything."""
     if path.exists() and not path.is_dir():
@@ -117,14 +133,15 @@ def check_output_dir(path: Path, flag: str = "--output") -> None:
 
 def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None, output: Path, batch_size: int = 1,
                      max_parallel_compilations: int | None = None, func=None,
-                     layout: str | None = None) -> artifacts.Manifest:
+                     layout: str | None = None, weights: str = "fp32") -> artifacts.Manifest:
     """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model).
     layout: "packed" (texts end to end, no padding computed; the default for sentence-transformers
     models), "padded" (rows of one bucket length; plain BERT). batch_size: rows per call, or packed,
-    texts per call. buckets=None: check_checkpoint's."""
+    texts per call. buckets=None: check_checkpoint's. weights: fp32 or int8 (models/bert.py's
+    quantize_encoder)."""
     output = Path(output)
     config, buckets, max_tokens, layout = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
-                                                           max_parallel_compilations, layout)
+                                                           max_parallel_compilations, layout, weights)
     check_output_dir(Path(output))
     if buckets[-1] < max_tokens:
         print(f"warning: the largest bucket ({buckets[-1]}) is below the model's max_seq_length ({max_tokens}): "
@@ -135,9 +152,9 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
         pass
     elif sentence is not None:
         func = functools.partial(load_sentence_model, model_dir, sentence["pooling"], sentence["normalize"],
-                                 layout == "packed")
+                                 layout == "packed", weights)
     else:
-        func = functools.partial(load_bert, model_dir)
+        func = functools.partial(load_bert, model_dir, weights=weights)
     if layout == "packed":  # every graph: up to batch_size texts; example texts of 1 token each
         examples = [(torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
                      torch.ones(batch_size, dtype=torch.long)) for n in buckets]
@@ -150,6 +167,7 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
                              max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
                                  "kind": "embedding",
                                  "layout": layout,
+                                 "weights": weights,
                                  "texts_per_call": batch_size,
                                  "output": "sentence_embedding" if sentence else "last_hidden_state",
                                  "sentence_transformers": sentence,

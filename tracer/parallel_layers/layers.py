@@ -68,17 +68,19 @@ class _LinearLayer(_ParallelLayer):
         bucket's padding, whose outputs come back zero without being computed (native_ops.linear)."""
         if hasattr(self, "qweight"):
             op = native_ops.linear_int8 if self.weight_bits == 8 else native_ops.linear_int4
-            return op(x, self.qweight, self.scale, self.minimum, bias, rows)
+            return op(x, self.qweight, self.scale, self.minimum, bias, rows, self.input_bits)
         return native_ops.linear(x, self.weight, bias, rows)
 
-    def quantize(self, bits: int) -> None:
+    def quantize(self, bits: int, input_bits: int = 16) -> None:
         """Weight-only int8 or int4 in groups of 32 input features, each group with a float16 scale and
         minimum (w = scale * q + minimum; q in 0..255 or 0..15: llama.cpp's Q4_1 / Q8_0 blocks), laid
         out as csrc/quantized_blocks.h reads them. Call after the checkpoint is loaded; the fp32 weight
         is dropped. Each rank quantizes its own part: groups lie inside this rank's columns (a shard's
         input features must divide by 32), so shards and their scales split together. Per group the
         grid is the one that holds the group best: from its minimum to its maximum, or (int8) symmetric
-        around zero (absmax / 127), which holds a GGUF Q8_0 block exactly where min-max would not."""
+        around zero (absmax / 127), which holds a GGUF Q8_0 block exactly where min-max would not.
+        input_bits: what the kernel rounds each group of inputs to, 16 (generation) or 8 (the encoder:
+        half the integer work on many rows; native_ops.linear_int8)."""
         weight = self.weight.detach()
         rows, features = weight.shape
         if features % 32:
@@ -102,6 +104,7 @@ class _LinearLayer(_ParallelLayer):
                                                         minimum.half(), bits)  # the kernels' blocks of 16 rows
         del self.weight
         self.weight_bits = bits
+        self.input_bits = input_bits
         self.qweight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.minimum = nn.Parameter(minimum, requires_grad=False)

@@ -79,18 +79,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                input_bits: int = 16) -> torch.Tensor:
     """x W^T + bias with 8-bit weights in groups of 32 (w = scale * q + minimum, q in 0..255; qweight
     [N, K] uint8, scale and minimum [N, K / 32] float16, laid out by quantized_blocks): integer dot
     products against the inputs rounded to 16 bits per group (|error| <= max|x| of the group / 65024),
-    generation steps and prompts alike. rows: as linear's."""
-    return ops().linear_int8(x, qweight, scale, minimum, bias, rows)
+    generation steps and prompts alike; input_bits=8: rounded to 8 bits (|error| <= max|x| / 254), half
+    the dot products (the encoder's choice). rows: as linear's."""
+    return ops().linear_int8(x, qweight, scale, minimum, bias, rows, input_bits)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                input_bits: int = 16) -> torch.Tensor:
     """linear_int8 with 4-bit weights (q in 0..15, llama.cpp's Q4_1; qweight [N, K / 2])."""
-    return ops().linear_int4(x, qweight, scale, minimum, bias, rows)
+    return ops().linear_int4(x, qweight, scale, minimum, bias, rows, input_bits)
 
 
 def quantized_blocks(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,

@@ -44,19 +44,23 @@ at::Tensor packed_attention(const at::Tensor& q, const at::Tensor& k, const at::
                     v.scalar_type() == at::kFloat && D % 8 == 0 && !q.requires_grad() &&
                     tpserve_simd::cpu_has_avx2_fma();
   if (!fast) return packed_attention_formula(q, k, v, off.to(q.device()), scale);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  at::Tensor out = at::zeros_like(qc);
+  // rows may lie apart (q, k, v split from one fused projection's output): read them where they are
+  const auto rows = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous(); };
+  const at::Tensor qc = rows(q);
+  at::Tensor kc = rows(k), vc = rows(v);
+  if (kc.stride(0) != vc.stride(0)) kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::zeros({T, H, D}, q.options());
   std::vector<int64_t> text_of(op[R]);
   for (int64_t r = 0; r < R; ++r) std::fill(text_of.begin() + op[r], text_of.begin() + op[r + 1], r);
   const float *qp = qc.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
   float* outp = out.data_ptr<float>();
-  const int64_t stride = H * D;
+  const int64_t q_stride = qc.stride(0), stride = kc.stride(0);
   // one task per (token, head); a task reads its text's keys and values
   at::parallel_for(0, op[R] * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(T);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t token = t / H, h = t % H, first = op[text_of[token]], last = op[text_of[token] + 1];
-      tpserve_attend::attend_one(qp + t * D, kp + first * stride + h * D, vp + first * stride + h * D, stride,
+      tpserve_attend::attend_one(qp + token * q_stride + h * D, kp + first * stride + h * D, vp + first * stride + h * D, stride,
                                  last - first, D, static_cast<float>(scale), scores.data(), outp + t * D);
     }
   });

@@ -56,8 +56,9 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, const 
 template <int Bits>
 at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                          const at::Tensor& minimum, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& rows) {
+                         const c10::optional<at::Tensor>& rows, int64_t input_bits) {
   const char* op = Bits == 8 ? "tpserve::linear_int8" : "tpserve::linear_int4";
+  TORCH_CHECK(input_bits == 8 || input_bits == 16, op, ": input_bits is 8 or 16, got ", input_bits);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(), op,
               ": qweight must be contiguous uint8 [N, K * ", Bits, " / 8]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 8 / Bits;
@@ -96,8 +97,13 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
                      [&](int64_t begin, int64_t end) { work(begin * kBlockRows, std::min(N, end * kBlockRows)); });
   };
   const bool wide = tpserve_blocks::use_vnni();
-  const tpserve_blocks::Inputs inputs = tpserve_blocks::quantize_inputs(in, M, K, wide);
-  const tpserve_blocks::Block* kernels = wide ? tpserve_blocks::kBlocks512<Bits> : tpserve_blocks::kBlocks256<Bits>;
+  tpserve_blocks::Inputs inputs = tpserve_blocks::make_inputs(M, K, input_bits / 8);
+  at::parallel_for(0, M * (K / kGroup), 2048, [&](int64_t begin, int64_t end) {
+    tpserve_blocks::quantize_inputs(in, inputs, begin, end, wide);
+  });
+  const tpserve_blocks::Block* kernels =
+      input_bits == 16 ? (wide ? tpserve_blocks::kBlocks512<Bits, 2> : tpserve_blocks::kBlocks256<Bits, 2>)
+                       : (wide ? tpserve_blocks::kBlocks512<Bits, 1> : tpserve_blocks::kBlocks256<Bits, 1>);
   constexpr int64_t chunk = tpserve_blocks::kMaxRows;
   for (int64_t r0 = 0; r0 < M; r0 += kRowTile) {
     const int64_t r1 = std::min(M, r0 + kRowTile);
@@ -114,8 +120,8 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tpserve, m) {
-  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None, int input_bits=16) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scale, Tensor minimum, Tensor? bias=None, Tensor? rows=None, int input_bits=16) -> Tensor");
   m.def("quantized_values(Tensor qweight, Tensor scale, Tensor minimum, int bits) -> Tensor");
 }
 

@@ -13,7 +13,9 @@
 // group's largest value (one int8 value per input, llama.cpp's Q8_1, changed SmolLM2's greedy answer
 // in an earlier try). sum(q * x) over a group = step * ((sum q q1) << 8 + sum q q2), exact in int32;
 // the minimum's term uses the group's fp32 sum. Each input row is quantized alone, so a row's result
-// does not depend on the rows computed with it.
+// does not depend on the rows computed with it. With 8-bit inputs (Bytes = 1: q1 only, step = max|x|
+// / 127, error <= max|x| / 254) a group costs half the dot products: the encoder's choice, where many
+// rows make the kernel compute-bound and an embedding's cosine, not a greedy token, is what counts.
 //
 // Why (measured here, Xeon with AVX-512 VNNI, 1 row, 2 threads): widening the q values to fp32 in
 // registers left the one-row step instruction-bound (SmolLM2's int4 linears, 80 MB: 4.2 ms, about as
@@ -36,11 +38,17 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kBlockRows = 16;
 constexpr int kMaxRows = 4;  // input rows per pass over a block: 4 x 5 accumulators + 8 weight registers
 
-// The input rows quantized per group (see above): q1, q2 [M, K]; step, sum [M, G].
+// The input rows quantized per group (see above): q1, q2 [M, K] (q2 empty for 8-bit inputs); step, sum [M, G].
 struct Inputs {
   std::vector<int8_t> q1, q2;
   std::vector<float> step, sum;
 };
+
+inline Inputs make_inputs(int64_t M, int64_t K, int bytes) {
+  const int64_t G = K / kGroup;
+  return Inputs{std::vector<int8_t>(M * K), std::vector<int8_t>(bytes == 2 ? M * K : 0), std::vector<float>(M * G),
+                std::vector<float>(M * G)};
+}
 
 inline void quantize_group_scalar(const float* x, int8_t* q1, int8_t* q2, float* step, float* sum) {
   float top = 0.f, s = 0.f;
@@ -50,9 +58,9 @@ inline void quantize_group_scalar(const float* x, int8_t* q1, int8_t* q2, float*
     const float a = std::nearbyint(x[j] * inverse);
     const float b = std::nearbyint(std::fma(-a, unit, x[j]) * inverse * 256.f);
     q1[j] = static_cast<int8_t>(std::fmin(std::fmax(a, -128.f), 127.f));  // fmin / fmax: a NaN becomes a number
-    q2[j] = static_cast<int8_t>(std::fmin(std::fmax(b, -128.f), 127.f));  // (the group's sum keeps it NaN)
+    if (q2) q2[j] = static_cast<int8_t>(std::fmin(std::fmax(b, -128.f), 127.f));  // (the group's sum keeps it NaN)
   }
-  *step = unit / 256.f;
+  *step = q2 ? unit / 256.f : unit;
   *sum = s;
 }
 
@@ -68,23 +76,21 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void quantize_group_
     const __m512 a = _mm512_roundscale_ps(_mm512_mul_ps(xs[h], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 b = _mm512_mul_ps(_mm512_fnmadd_ps(a, u, xs[h]), inv256);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(b)));
+    if (q2) _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(b)));
   }
-  *step = unit / 256.f;
+  *step = q2 ? unit / 256.f : unit;
   *sum = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
 }
 
-inline Inputs quantize_inputs(const float* x, int64_t M, int64_t K, bool wide) {
-  const int64_t G = K / kGroup;
-  Inputs in{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
-            std::vector<float>(M * G)};
-  for (int64_t i = 0; i < M * G; ++i) {
+// Groups [begin, end) of the input rows x (row-major, groups of 32 in turn) into `in`.
+inline void quantize_inputs(const float* x, Inputs& in, int64_t begin, int64_t end, bool wide) {
+  for (int64_t i = begin; i < end; ++i) {
+    int8_t* q2 = in.q2.empty() ? nullptr : &in.q2[i * kGroup];
     if (wide)
-      quantize_group_512(x + i * kGroup, &in.q1[i * kGroup], &in.q2[i * kGroup], &in.step[i], &in.sum[i]);
+      quantize_group_512(x + i * kGroup, &in.q1[i * kGroup], q2, &in.step[i], &in.sum[i]);
     else
-      quantize_group_scalar(x + i * kGroup, &in.q1[i * kGroup], &in.q2[i * kGroup], &in.step[i], &in.sum[i]);
+      quantize_group_scalar(x + i * kGroup, &in.q1[i * kGroup], q2, &in.step[i], &in.sum[i]);
   }
-  return in;
 }
 
 inline int32_t four_bytes(const void* p) {
@@ -95,7 +101,7 @@ inline int32_t four_bytes(const void* p) {
 
 // M input rows (from m0) times the block of R rows starting at weight row n0 (a multiple of 16), with
 // AVX-512 VNNI: per group, 8 registers of 16 rows x 4 q values, each against 4 inputs broadcast.
-template <int Bits, int M>
+template <int Bits, int Bytes, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void block_512(
     const Inputs& in, int64_t m0, const uint8_t* qw, const uint16_t* dw, const uint16_t* mw, const float* bias,
     float* y, int64_t K, int64_t N, int64_t n0, int R) {
@@ -125,16 +131,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
     const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, mn + g * R));
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-      const int8_t *p1 = &in.q1[(m0 + m) * K + g * kGroup], *p2 = &in.q2[(m0 + m) * K + g * kGroup];
+      const int8_t* p1 = &in.q1[(m0 + m) * K + g * kGroup];
       __m512i high[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // two chains each: latency
       __m512i low[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
         high[i / 4] = _mm512_dpbusd_epi32(high[i / 4], q[i], _mm512_set1_epi32(four_bytes(p1 + 4 * i)));
-        low[i / 4] = _mm512_dpbusd_epi32(low[i / 4], q[i], _mm512_set1_epi32(four_bytes(p2 + 4 * i)));
+        if constexpr (Bytes == 2) {
+          const int8_t* p2 = &in.q2[(m0 + m) * K + g * kGroup];
+          low[i / 4] = _mm512_dpbusd_epi32(low[i / 4], q[i], _mm512_set1_epi32(four_bytes(p2 + 4 * i)));
+        }
       }
-      const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(high[0], high[1]), 8),
-                                           _mm512_add_epi32(low[0], low[1]));
+      __m512i dot = _mm512_add_epi32(high[0], high[1]);
+      if constexpr (Bytes == 2) dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_add_epi32(low[0], low[1]));
       const int64_t mg = (m0 + m) * G + g;
       const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(in.step[mg]));
       acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(in.sum[mg]), _mm512_fmadd_ps(scaled, dv, acc[m]));
@@ -159,7 +168,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dot4(__m256i q, int32_t 
 
 // block_512 with AVX2: the block as two halves of 8 rows. VPMADDUBSW's 16-bit pair sums cannot saturate
 // with 4-bit values (15 * 128 * 2); int8's q values are split into their two nibbles for it.
-template <int Bits, int M>
+template <int Bits, int Bytes, int M>
 __attribute__((target("avx2,fma,f16c"))) void block_256(const Inputs& in, int64_t m0, const uint8_t* qw,
                                                         const uint16_t* dw, const uint16_t* mw, const float* bias,
                                                         float* y, int64_t K, int64_t N, int64_t n0, int R) {
@@ -189,18 +198,21 @@ __attribute__((target("avx2,fma,f16c"))) void block_256(const Inputs& in, int64_
       const __m256 dv = eight_halves(d + g * R + 8 * h, rows), mv = eight_halves(mn + g * R + 8 * h, rows);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        const int8_t *p1 = &in.q1[(m0 + m) * K + g * kGroup], *p2 = &in.q2[(m0 + m) * K + g * kGroup];
+        const int8_t* p1 = &in.q1[(m0 + m) * K + g * kGroup];
         __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) {
-          __m256i h1 = dot4(q[i], four_bytes(p1 + 4 * i)), h2 = dot4(q[i], four_bytes(p2 + 4 * i));
-          if constexpr (Bits == 8) {
-            h1 = _mm256_add_epi32(h1, _mm256_slli_epi32(dot4(top[i], four_bytes(p1 + 4 * i)), 4));
-            h2 = _mm256_add_epi32(h2, _mm256_slli_epi32(dot4(top[i], four_bytes(p2 + 4 * i)), 4));
+          __m256i h1 = dot4(q[i], four_bytes(p1 + 4 * i));
+          if constexpr (Bits == 8) h1 = _mm256_add_epi32(h1, _mm256_slli_epi32(dot4(top[i], four_bytes(p1 + 4 * i)), 4));
+          high = _mm256_add_epi32(high, h1);
+          if constexpr (Bytes == 2) {
+            const int8_t* p2 = &in.q2[(m0 + m) * K + g * kGroup];
+            __m256i h2 = dot4(q[i], four_bytes(p2 + 4 * i));
+            if constexpr (Bits == 8) h2 = _mm256_add_epi32(h2, _mm256_slli_epi32(dot4(top[i], four_bytes(p2 + 4 * i)), 4));
+            low = _mm256_add_epi32(low, h2);
           }
-          high = _mm256_add_epi32(high, h1), low = _mm256_add_epi32(low, h2);
         }
-        const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(high, 8), low);
+        const __m256i dot = Bytes == 2 ? _mm256_add_epi32(_mm256_slli_epi32(high, 8), low) : high;
         const int64_t mg = (m0 + m) * G + g;
         const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(in.step[mg]));
         acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(in.sum[mg]), _mm256_fmadd_ps(scaled, dv, acc[m]));
@@ -213,12 +225,12 @@ __attribute__((target("avx2,fma,f16c"))) void block_256(const Inputs& in, int64_
 
 using Block = void (*)(const Inputs&, int64_t, const uint8_t*, const uint16_t*, const uint16_t*, const float*, float*,
                        int64_t, int64_t, int64_t, int);
-template <int Bits>
-constexpr Block kBlocks512[kMaxRows] = {block_512<Bits, 1>, block_512<Bits, 2>, block_512<Bits, 3>,
-                                        block_512<Bits, 4>};
-template <int Bits>
-constexpr Block kBlocks256[kMaxRows] = {block_256<Bits, 1>, block_256<Bits, 2>, block_256<Bits, 3>,
-                                        block_256<Bits, 4>};
+template <int Bits, int Bytes>
+constexpr Block kBlocks512[kMaxRows] = {block_512<Bits, Bytes, 1>, block_512<Bits, Bytes, 2>,
+                                        block_512<Bits, Bytes, 3>, block_512<Bits, Bytes, 4>};
+template <int Bits, int Bytes>
+constexpr Block kBlocks256[kMaxRows] = {block_256<Bits, Bytes, 1>, block_256<Bits, Bytes, 2>,
+                                        block_256<Bits, Bytes, 3>, block_256<Bits, Bytes, 4>};
 
 // AVX-512 with VNNI (TPSERVE_SIMD=avx2 keeps the 8-lane path, as the other kernels do).
 inline bool use_vnni() {
