@@ -57,9 +57,9 @@ WORKLOADS = [("short", SHORT, 1), ("mixed", MIXED, 8), ("mixed", MIXED, 16)]
 @dataclass
 class Config:
     """One tpserve topology: TorchServe workers x ranks per worker x threads per rank, batching
-    (maxBatchDelay 1 ms: TorchServe reads 0 as its default of 100 ms) and the traced layout: packed
+    (maxBatchDelay 1 ms: TorchServe reads 0 as its default of 100 ms), the traced layout: packed
     (the default: a batch's texts end to end, token buckets 16 ... 1024) or padded (rows padded to
-    sequence buckets 16, 32, 48, 64, 96, ... 256)."""
+    sequence buckets 16, 32, 48, 64, 96, ... 256), and the weights (--weights: fp32, bf16, int8)."""
     label: str
     tp: int
     workers: int
@@ -67,16 +67,19 @@ class Config:
     batch: int = 8
     delay_ms: int = 1
     layout: str = "packed"
+    weights: str = "fp32"
 
     @property
     def mar(self) -> str:
-        return f"minilm-tp{self.tp}-{self.layout}"
+        return f"minilm-tp{self.tp}-{self.layout}-{self.weights}"
 
 
 CONFIGS = [Config("1 worker x tp 2 x 1 thread (make serve)", 2, 1, 1), Config("1 worker x tp 1 x 2 threads", 1, 1, 2),
            Config("2 workers x tp 1 x 1 thread", 1, 2, 1),
-           Config("1 worker x tp 2 x 1 thread, padded (make serve before)", 2, 1, 1, layout="padded"),
-           Config("2 workers x tp 1 x 1 thread, padded", 1, 2, 1, layout="padded")]
+           Config("1 worker x tp 2 x 1 thread, bf16", 2, 1, 1, weights="bf16"),
+           Config("2 workers x tp 1 x 1 thread, bf16", 1, 2, 1, weights="bf16"),
+           Config("1 worker x tp 2 x 1 thread, int8", 2, 1, 1, weights="int8"),
+           Config("2 workers x tp 1 x 1 thread, int8", 1, 2, 1, weights="int8")]
 
 
 def gemm_flops_per_s() -> float:
@@ -213,14 +216,15 @@ def tokens_of(texts: list[str], shards: Path) -> dict[str, int]:
     return {t: min(len(tokenizer.encode(t).ids), 256) for t in set(texts)}
 
 
-def in_process_rows(store: Path, tp: int, threads: int, layout: str, record) -> tuple[float, float, int]:
+def in_process_rows(store: Path, tp: int, threads: int, layout: str, weights: str,
+                    record) -> tuple[float, float, int]:
     """The handler's path without TorchServe: one short text at a time (latency) and batches of 8
     mixed texts (throughput, texts/s). Returns the batched throughput and the model's ceiling: the
     best useful FLOP/s of any bucket run full without padding (the warm-up's timings), with that
     bucket."""
     from tracer.engine.embedder import Embedder
 
-    embedder = Embedder(store / f"minilm-tp{tp}-{layout}.shards", threads_per_rank=threads)
+    embedder = Embedder(store / f"minilm-tp{tp}-{layout}-{weights}.shards", threads_per_rank=threads)
     embedder.warm_up()
     full = embedder.batch_size
     if embedder.packed:
@@ -228,7 +232,8 @@ def in_process_rows(store: Path, tp: int, threads: int, layout: str, record) -> 
                               for b in embedder.buckets)
     else:
         ceiling, bucket = max((encoder_flops(b) * full / embedder.costs[b, full], b) for b in embedder.buckets)
-    label = f"in-process tp {tp} x {threads} thread(s){', padded' if layout == 'padded' else ''}"
+    label = (f"in-process tp {tp} x {threads} thread(s){', padded' if layout == 'padded' else ''}"
+             f"{'' if weights == 'fp32' else ', ' + weights}")
     try:
         one = drive(lambda: lambda text, _: embedder.embed([text]), SHORT, 1)
         record(f"{label}, 1 text per call", "short", 1, one)
@@ -254,20 +259,21 @@ def main() -> None:
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir()
     configs = CONFIGS[:1] if args.quick else CONFIGS
-    for name, tp, layout in sorted({(c.mar, c.tp, c.layout) for c in configs} | {("minilm-tp1-packed", 1, "packed")}):
+    for name, tp, layout, weights in sorted({(c.mar, c.tp, c.layout, c.weights) for c in configs}
+                                            | {("minilm-tp1-packed-fp32", 1, "packed", "fp32")}):
         # NAME.mar and NAME.shards; workers and batching are patched per config below
-        build_mar(store, name=name, tp=tp, batch_size=8, extra=["--layout", layout])
+        build_mar(store, name=name, tp=tp, batch_size=8, extra=["--layout", layout, "--weights", weights])
     eager_mar(store)
-    tokens = tokens_of(SHORT + MIXED, store / "minilm-tp1-packed.shards")
+    tokens = tokens_of(SHORT + MIXED, store / "minilm-tp1-packed-fp32.shards")
     samples, breakdowns = defaultdict(list), defaultdict(list)  # per (setup, texts, clients), one per round
 
     def record(label: str, workload: str, concurrency: int, result: dict) -> None:
         result["flops"] = sum(encoder_flops(tokens[t]) for _, t, *_ in result["sent"]) / result["wall"]
         samples[label, workload, concurrency].append(result)
 
-    in_process = {(tp, threads, layout): in_process_rows(store, tp, threads, layout, record)
-                  for tp, threads, layout in sorted({(c.tp, max(1, CORES // c.tp), c.layout) for c in configs
-                                                     if c.workers == 1})}
+    in_process = {(tp, threads, layout, weights): in_process_rows(store, tp, threads, layout, weights, record)
+                  for tp, threads, layout, weights in sorted({(c.tp, max(1, CORES // c.tp), c.layout, c.weights)
+                                                              for c in configs if c.workers == 1})}
 
     def serve(label: str, mar: str, make_session, timings: Path | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -352,8 +358,8 @@ def infinity_rows(record) -> None:
 def print_goals(results: dict, in_process: dict, gemm: float) -> None:
     tpserve = sorted({label for label, *_ in results if label.startswith("tpserve")})
 
-    def best(workload: str, clients: int, key: str):
-        values = [(results[label, workload, clients][key], label) for label in tpserve]
+    def best(workload: str, clients: int, key: str, labels: list[str]):
+        values = [(results[label, workload, clients][key], label) for label in labels]
         return min(values) if key == "p50" else max(values)
 
     def peer(label: str, workload: str, clients: int, key: str) -> float | None:
@@ -361,27 +367,34 @@ def print_goals(results: dict, in_process: dict, gemm: float) -> None:
         return None if result is None else result[key]
 
     lines = []
-    p50, label = best("short", 1, "p50")
     eager1 = peer("eager sentence-transformers, batchSize 1", "short", 1, "p50")
-    if eager1:
-        lines.append(f"short, 1 client: eager batchSize 1 p50 / tpserve p50 = {eager1 / p50:.2f}x (goal 3x; {label})")
-    rps, label = best("mixed", 8, "rps")
     eager8 = peer("eager sentence-transformers, batchSize 8", "mixed", 8, "rps")
     infinity = peer("infinity-emb 0.0.78 (torch, batch 32)", "mixed", 8, "rps")
-    if eager8:
-        lines.append(f"mixed, 8 clients: tpserve / eager batchSize 8 = {rps / eager8:.2f}x (goal 2x; {label})")
-    if infinity:
-        lines.append(f"mixed, 8 clients: tpserve / infinity-emb = {rps / infinity:.2f}x (goal 2x; {label})")
+    fp32 = [label for label in tpserve if not label.endswith(("bf16", "int8"))]
+    for scope, labels in (("fp32", fp32), ("any weights", tpserve)) if len(fp32) < len(tpserve) else (("", tpserve),):
+        scope = f", {scope}" if scope else ""
+        p50, label = best("short", 1, "p50", labels)
+        if eager1:
+            lines.append(f"short, 1 client{scope}: eager batchSize 1 p50 / tpserve p50 = {eager1 / p50:.2f}x "
+                         f"(goal 3x; {label})")
+        rps, label = best("mixed", 8, "rps", labels)
+        if eager8:
+            lines.append(f"mixed, 8 clients{scope}: tpserve / eager batchSize 8 = {rps / eager8:.2f}x "
+                         f"(goal 2x; {label})")
+        if infinity:
+            lines.append(f"mixed, 8 clients{scope}: tpserve / infinity-emb = {rps / infinity:.2f}x (goal 2x; {label})")
     for label in tpserve:
         tp, layout = (2 if "tp 2" in label else 1), ("padded" if "padded" in label else "packed")
-        if (key := (tp, max(1, CORES // tp), layout)) not in in_process:
+        weights = next((w for w in ("bf16", "int8") if label.endswith(w)), "fp32")
+        if (key := (tp, max(1, CORES // tp), layout, weights)) not in in_process:
             continue
         served = results[label, "mixed", 16]["rps"]
-        lines.append(f"mixed, 16 clients: {label} served / in-process batched tp {tp} ({layout}) = "
+        lines.append(f"mixed, 16 clients: {label} served / in-process batched tp {tp} ({layout}, {weights}) = "
                      f"{served / in_process[key][0]:.2f}x (goal 0.8x)")
-    for (tp, threads, layout), (_, ceiling, bucket) in sorted(in_process.items()):
-        lines.append(f"model ceiling, in-process tp {tp} x {threads} thread(s), {layout}: {100 * ceiling / gemm:.0f} "
-                     f"% of the GEMM rate (bucket {bucket} full, no padding: no served setup can exceed it)")
+    for (tp, threads, layout, weights), (_, ceiling, bucket) in sorted(in_process.items()):
+        lines.append(f"model ceiling, in-process tp {tp} x {threads} thread(s), {layout}, {weights}: "
+                     f"{100 * ceiling / gemm:.0f} % of the fp32 GEMM rate (bucket {bucket} full, no padding: no "
+                     "served setup can exceed it)")
     print("\ngoals\n" + "\n".join(f"- {line}" for line in lines))
 
 

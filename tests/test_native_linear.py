@@ -160,7 +160,22 @@ def test_quantized_linear_with_8_bit_inputs(bits, rows, simd):
         op(x, q, d, m, b, input_bits=4)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 16, 37, 400])
+def test_bf16_linear_is_one_bfloat16_gemm(rows):
+    """linear_bf16: x rounded to bfloat16 times the bfloat16 weights (products exact, fp32 sums), the
+    sum rounded to bfloat16 (at most 2^-8 of it: 8 significant bits), then the fp32 bias."""
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 384, generator=g), torch.randn(1536, 384, generator=g), torch.randn(1536, generator=g)
+    y = native_ops.linear_bf16(x, w.bfloat16(), b)
+    exact = F.linear(x.bfloat16().double(), w.bfloat16().double())
+    assert y.dtype == torch.float32 and y.shape == (rows, 1536)
+    assert ((y - b - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all()
+    assert (y - F.linear(x, w, b)).abs().max() > 1e-3  # really rounded: not fp32
+    with pytest.raises(RuntimeError, match="weight must be bfloat16"):
+        native_ops.linear_bf16(x, w, b)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("total, used", [(40, 37), (40, 1), (8, 5), (100, 70), (12, 0), (12, 12)])
 def test_rows_compute_the_real_rows_and_zero_the_padding(kind, total, used):
     """rows = a bucket's real rows: those equal the op without rows, the padding rows come back zero."""
@@ -169,6 +184,9 @@ def test_rows_compute_the_real_rows_and_zero_the_padding(kind, total, used):
     if kind == "fp32":
         def op(x, rows=None):
             return native_ops.linear(x, w, b, rows)
+    elif kind == "bf16":
+        def op(x, rows=None):
+            return native_ops.linear_bf16(x, w.bfloat16(), b, rows)
     else:
         bits = 8 if kind == "int8" else 4
         args, _, _ = _min_max_groups(w, bits)
@@ -178,7 +196,9 @@ def test_rows_compute_the_real_rows_and_zero_the_padding(kind, total, used):
             return quantized(x, *args, b, rows)
     y = op(x, torch.tensor([used]))
     assert y.shape == (1, total, 200)
-    torch.testing.assert_close(y[:, :used], op(x[:, :used]), rtol=1e-5, atol=1e-4)
+    # bf16: the GEMM's rows run as one shape whatever `used` is; a sum may round to the next bfloat16
+    rtol, atol = (1e-2, 1e-2) if kind == "bf16" else (1e-5, 1e-4)
+    torch.testing.assert_close(y[:, :used], op(x[:, :used]), rtol=rtol, atol=atol)
     assert torch.equal(y[:, used:], torch.zeros(1, total - used, 200))
 
 

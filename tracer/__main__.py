@@ -56,7 +56,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
-    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                    help="generation: weight-only quantized linear layers and LM head, in groups of 32 weights "
                         "with a float16 scale and minimum each: int8 (9/32 of fp32's bytes; holds GGUF Q8_0 / "
                         "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8). Embeddings: "

@@ -104,15 +104,15 @@ def check_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
 
 
 def check_weights(config: dict, tp_degree: int, weights: str) -> None:
-    """fp32, or int8 (models/bert.py's quantize_encoder): tpserve's CPU kernels, whose groups of 32
+    """fp32, or bf16 / int8 (models/bert.py's load_bert): tpserve's CPU kernels; int8's groups of 32
     input features lie inside each rank's shard."""
-    if weights not in ("fp32", "int8"):
-        raise UsageError(f"--weights {weights}: embedding models take fp32 or int8")
+    if weights not in ("fp32", "bf16", "int8"):
+        raise UsageError(f"--weights {weights}: embedding models take fp32, bf16 or int8")
     if weights == "fp32":
         return
     if backend.NAME != "cpu":
         raise UsageError(f"--weights {weights} needs tpserve's CPU kernels; {backend.NAME} builds fp32")
-    for name in ("hidden_size", "intermediate_size"):
+    for name in ("hidden_size", "intermediate_size") if weights == "int8" else ():
         if config[name] // tp_degree % 32:
             raise UsageError(f"--weights {weights}: {name}={config[name]} / tp {tp_degree} is not a multiple of 32 "
                              "(the weights' groups)")

@@ -25,7 +25,7 @@ from ..parallel_layers import (
     parallel_state,
     project,
 )
-from ..parallel_layers.layers import FusedLinear
+from ..parallel_layers.layers import FusedLinear, _LinearLayer
 from ..runtime import native_ops
 
 
@@ -225,6 +225,10 @@ def load_bert(model_dir, prefix: str = "", weights: str = "fp32") -> tuple[Paral
             layer.attention.self.fuse()
     if weights == "int8":
         quantize_encoder(model)
+    elif weights == "bf16":
+        for module in model.encoder.modules():
+            if isinstance(module, _LinearLayer):
+                module.to_bfloat16()
     elif weights != "fp32":
-        raise ValueError(f"BERT weights are fp32 or int8, got {weights!r}")
+        raise ValueError(f"BERT weights are fp32, bf16 or int8, got {weights!r}")
     return model.eval(), {}

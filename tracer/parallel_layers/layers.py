@@ -59,17 +59,25 @@ class _ParallelLayer(nn.Module):
 
 
 class _LinearLayer(_ParallelLayer):
-    """A layer that multiplies by its rank's weight matrix (fp32, or int8 / int4 once quantized)."""
+    """A layer that multiplies by its rank's weight matrix (fp32, bfloat16, or int8 / int4 once quantized)."""
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias) with this rank's weight: fp32, or int8 / int4 after quantize(). rows (a
-        tpserve extension of the layers' forward): only x's first `rows` rows are real, the rest a
+        """x W^T (+ bias) with this rank's weight: fp32, bfloat16 after to_bfloat16(), or int8 / int4 after
+        quantize(). rows (a tpserve extension of the layers' forward): only x's first `rows` rows are real, the rest a
         bucket's padding, whose outputs come back zero without being computed (native_ops.linear)."""
         if hasattr(self, "qweight"):
             op = native_ops.linear_int8 if self.weight_bits == 8 else native_ops.linear_int4
             return op(x, self.qweight, self.scale, self.minimum, bias, rows, self.input_bits)
+        if self.weight.dtype == torch.bfloat16:
+            return native_ops.linear_bf16(x, self.weight, bias, rows)
         return native_ops.linear(x, self.weight, bias, rows)
+
+    def to_bfloat16(self) -> None:
+        """The weight in bfloat16 (the bias stays fp32): inputs are rounded to bfloat16 for one bfloat16
+        GEMM, which CPUs with AMX or AVX-512 BF16 run several times faster than fp32 (native_ops.linear_bf16).
+        Call after the checkpoint is loaded."""
+        self.weight = nn.Parameter(self.weight.detach().to(torch.bfloat16), requires_grad=False)
 
     def quantize(self, bits: int, input_bits: int = 16) -> None:
         """Weight-only int8 or int4 in groups of 32 input features, each group with a float16 scale and

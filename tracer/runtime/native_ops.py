@@ -1,4 +1,5 @@
 """Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear,
+the bfloat16 one,
 the decoder's RMS norm, rotary embedding and cached attention, the encoder's packed attention) as
 one library, registered as torch.ops.tpserve.
 
@@ -94,6 +95,14 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
                 input_bits: int = 16) -> torch.Tensor:
     """linear_int8 with 4-bit weights (q in 0..15, llama.cpp's Q4_1; qweight [N, K / 2])."""
     return ops().linear_int4(x, qweight, scale, minimum, bias, rows, input_bits)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with bfloat16 weights [N, K]: x rounded to bfloat16, a bfloat16 GEMM (oneDNN: AMX / AVX-512
+    BF16 where the CPU has them), the output in x's dtype plus the bias (csrc/linear_bf16.cpp). rows: as
+    linear's."""
+    return ops().linear_bf16(x, weight, bias, rows)
 
 
 def quantized_blocks(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
