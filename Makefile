@@ -25,8 +25,16 @@ LLM := model_store/smollm2/MAR-INF/MANIFEST.json
 MAR_INPUTS := $(VENV)/.installed Makefile $(wildcard tracer/*.py tracer/*/*.py tracer/runtime/csrc/* handler/*.py)
 # MiniLM at tp 2 in one worker: the lowest latency here; for bulk embedding --tp-degree 1 --workers 2
 # serves more texts/s (README, serving benchmark)
-$(MAR): $(MAR_INPUTS)
-	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --model-name minilm --export-path model_store
+# fp32: the embeddings sentence-transformers computes (<= 1e-4); `make serve MINILM_WEIGHTS=bf16` (bfloat16
+# GEMMs: faster batches on CPUs with AMX / AVX-512 BF16) or int8 (faster single short texts) trade a little
+# of it (README, serving benchmark)
+MINILM_WEIGHTS ?= fp32
+MINILM_STAMP := model_store/.minilm-$(MINILM_WEIGHTS)
+$(MINILM_STAMP):
+	mkdir -p model_store && rm -f model_store/.minilm-* && touch $@
+$(MAR): $(MAR_INPUTS) $(MINILM_STAMP)
+	$(PY) -m tracer build --tp-degree 2 --batch-size 8 --weights $(MINILM_WEIGHTS) --model-name minilm \
+	  --export-path model_store
 # SmolLM2's tp: 1 (2 intra-op threads) measured best on this 2-core machine (README, generation benchmark)
 LLM_TP ?= 1
 # int4: SmolLM2's GGUF holds its linear layers in Q4_1 (its tied head in Q8_0), which int4 (with an int8

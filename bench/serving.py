@@ -3,7 +3,7 @@
 TorchServe handler and infinity-emb, on short texts with 1 client and mixed texts with 8 and 16
 clients; where each served request's time goes (handler/timings.py); and the goals as ratios.
 
-    .venv/bin/python -m bench.serving          # about 12 minutes; --quick: a smoke run
+    .venv/bin/python -m bench.serving          # about 20 minutes; --quick: a smoke run
 
 REST through a real TorchServe on loopback, closed-loop clients (http.client, keep-alive) on the
 same cores. infinity-emb is a benchmark-only peer in its own virtualenv (bench/infinity_peer.py);
@@ -82,10 +82,10 @@ CONFIGS = [Config("1 worker x tp 2 x 1 thread (make serve)", 2, 1, 1), Config("1
            Config("2 workers x tp 1 x 1 thread, int8", 1, 2, 1, weights="int8")]
 
 
-def gemm_flops_per_s() -> float:
-    """The machine's fp32 GEMM rate: the best of 7 rounds (the limit is the peak; one round on a
-    shared VM can read 40 % low)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def gemm_flops_per_s(dtype: torch.dtype = torch.float32) -> float:
+    """The machine's GEMM rate (fp32: the compute limit; bfloat16: the bf16 rows' own): the best of 7
+    rounds (the limit is the peak; one round on a shared VM can read 40 % low)."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     for _ in range(3):
         a @ b
     best, runs = 0.0, 10
@@ -318,8 +318,9 @@ def main() -> None:
     results = {key: {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "rps", "flops")}
                for key, runs in samples.items()}
     print(f"machine: {machine()}")
-    print(f"fp32 GEMM (1024³, {torch.get_num_threads()} threads): {gemm / 1e9:.1f} GFLOP/s; served rows: "
-          f"medians of {1 if args.quick else ROUNDS} alternating rounds")
+    print(f"fp32 GEMM (1024³, {torch.get_num_threads()} threads): {gemm / 1e9:.1f} GFLOP/s (bfloat16: "
+          f"{gemm_flops_per_s(torch.bfloat16) / 1e9:.1f}); served rows: medians of {1 if args.quick else ROUNDS} "
+          "alternating rounds")
     print(table(["setup", "texts", "clients", "p50 ms", "p99 ms", "req/s", "of compute limit"],
                 [[*key, f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['rps']:.1f}", f"{100 * r['flops'] / gemm:.0f} %"]
                  for key, r in results.items()]))

@@ -179,11 +179,13 @@ def describe_model(store: Path, entry: str) -> str:
                     f"{info['prefill_buckets']}, max context {info['decoder']['max_context']}, "
                     f"batch {info['decoder']['max_batch']}; {path} built {built}")
         if info.get("layout") == "packed":
-            return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, texts packed end to end, "
+            return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, "
+                    f"{info.get('weights', 'fp32')} weights, texts packed end to end, "
                     f"up to {info['texts_per_call']} texts / {shapes[-1][0]} tokens per call (token buckets "
                     f"{[s[0] for s in shapes]}; texts truncated at {info.get('max_seq_length')} tokens); "
                     f"{path} built {built}")
-        return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, buckets={[s[1] for s in shapes]}"
+        return (f"serving {name}: embeddings, {source}, tp={manifest['tp_degree']}, "
+                f"{info.get('weights', 'fp32')} weights, buckets={[s[1] for s in shapes]}"
                 f" (texts truncated at {info.get('max_seq_length')} tokens), batchSize {shapes[0][0]}; "
                 f"{path} built {built}")
     except (TypeError, KeyError, IndexError, OSError):

@@ -104,7 +104,7 @@ def test_logs_one_access_line_per_request_fresh_files_per_start(tmp_path, store)
 
 def test_server_start_says_what_it_serves(store):
     line = server.describe_model(store, "minilm.mar")
-    assert "serving minilm: embeddings" in line and "tp=2" in line
+    assert "serving minilm: embeddings" in line and "tp=2, fp32 weights" in line
     assert "texts packed end to end, up to 8 texts / 1024 tokens per call" in line
     assert "token buckets [16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]" in line
     assert "truncated at 256 tokens" in line and "built 20" in line
