@@ -118,6 +118,15 @@ def check_weights(config: dict, tp_degree: int, weights: str) -> None:
                              "(the weights' groups)")
 
 
+def _bf16_gemm_in_hardware() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX-512 BF16); unknown counts as yes."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def check_output_dir(path: Path, flag: str = "--output") -> None:
     """A directory we can create or write into, checked without writing anything."""
     if path.exists() and not path.is_dir():
@@ -143,6 +152,9 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     config, buckets, max_tokens, layout = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
                                                            max_parallel_compilations, layout, weights)
     check_output_dir(Path(output))
+    if weights == "bf16" and not _bf16_gemm_in_hardware():
+        print("warning: this CPU has neither AMX nor AVX-512 BF16: --weights bf16 runs no faster than fp32 here "
+              "(it pays where the model is served on one that has them)", file=sys.stderr)
     if buckets[-1] < max_tokens:
         print(f"warning: the largest bucket ({buckets[-1]}) is below the model's max_seq_length ({max_tokens}): "
               f"longer texts will be truncated to {buckets[-1]} tokens, not where sentence-transformers "
