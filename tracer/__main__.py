@@ -59,8 +59,9 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                    help="generation: weight-only quantized linear layers and LM head, in groups of 32 weights "
                         "with a float16 scale and minimum each: int8 (9/32 of fp32's bytes; holds GGUF Q8_0 / "
-                        "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8). Embeddings: "
-                        "int8 (inputs rounded to 8 bits too: faster batches, cosine to fp32 in README)")
+                        "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8). Embeddings: bf16 "
+                        "(bfloat16 GEMMs: faster batches where the CPU has AMX / AVX-512 BF16) or int8 (faster "
+                        "single short texts); their cosine to fp32 in README")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:

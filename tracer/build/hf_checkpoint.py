@@ -146,8 +146,8 @@ def trace_checkpoint(model_dir: Path, tp_degree: int, buckets: list[int] | None,
     """func: a module-level builder to trace instead of the checkpoint's own (a variant of the model).
     layout: "packed" (texts end to end, no padding computed; the default for sentence-transformers
     models), "padded" (rows of one bucket length; plain BERT). batch_size: rows per call, or packed,
-    texts per call. buckets=None: check_checkpoint's. weights: fp32 or int8 (models/bert.py's
-    quantize_encoder)."""
+    texts per call. buckets=None: check_checkpoint's. weights: fp32, bf16 or int8 (models/bert.py's
+    load_bert)."""
     output = Path(output)
     config, buckets, max_tokens, layout = check_checkpoint(model_dir, tp_degree, buckets, batch_size,
                                                            max_parallel_compilations, layout, weights)

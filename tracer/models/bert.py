@@ -206,8 +206,9 @@ def quantize_encoder(model: ParallelBertModel) -> None:
 
 def load_bert(model_dir, prefix: str = "", weights: str = "fp32") -> tuple[ParallelBertModel, dict]:
     """Build this rank's shard of the BERT checkpoint in `model_dir` (config.json plus
-    model.safetensors or pytorch_model.bin), fp32 or (weights="int8") quantize_encoder's. A `func` for
-    parallel_model_trace via functools.partial."""
+    model.safetensors or pytorch_model.bin): fp32, bf16 (the encoder's linear layers' weights in
+    bfloat16: layers.to_bfloat16) or int8 (quantize_encoder). A `func` for parallel_model_trace via
+    functools.partial."""
     import json
     from pathlib import Path
 

@@ -89,6 +89,6 @@ def load_sentence_model(model_dir, pooling: str = "mean", normalize: bool = True
                         packed: bool = False, weights: str = "fp32") -> tuple[nn.Module, dict]:
     """A `func` for parallel_model_trace: this rank's shard of a BERT sentence embedder, taking padded
     rows (input_ids, attention_mask) or, packed=True, texts packed end to end (PackedSentenceEmbedding);
-    weights: fp32 or int8 (load_bert)."""
+    weights: fp32, bf16 or int8 (load_bert)."""
     encoder, _ = load_bert(model_dir, weights=weights)
     return (PackedSentenceEmbedding if packed else SentenceEmbedding)(encoder, pooling, normalize).eval(), {}

@@ -63,9 +63,9 @@ class _LinearLayer(_ParallelLayer):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias) with this rank's weight: fp32, bfloat16 after to_bfloat16(), or int8 / int4 after
-        quantize(). rows (a tpserve extension of the layers' forward): only x's first `rows` rows are real, the rest a
-        bucket's padding, whose outputs come back zero without being computed (native_ops.linear)."""
+        """x W^T (+ bias) with this rank's weight: fp32, bfloat16 after to_bfloat16(), or int8 / int4
+        after quantize(). rows (a tpserve extension of the layers' forward): only x's first `rows` rows
+        are real, the rest a bucket's padding, whose outputs come back zero (native_ops.linear)."""
         if hasattr(self, "qweight"):
             op = native_ops.linear_int8 if self.weight_bits == 8 else native_ops.linear_int4
             return op(x, self.qweight, self.scale, self.minimum, bias, rows, self.input_bits)

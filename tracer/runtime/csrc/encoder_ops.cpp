@@ -60,8 +60,9 @@ at::Tensor packed_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<float> scores(T);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t token = t / H, h = t % H, first = op[text_of[token]], last = op[text_of[token] + 1];
-      tpserve_attend::attend_one(qp + token * q_stride + h * D, kp + first * stride + h * D, vp + first * stride + h * D, stride,
-                                 last - first, D, static_cast<float>(scale), scores.data(), outp + t * D);
+      tpserve_attend::attend_one(qp + token * q_stride + h * D, kp + first * stride + h * D,
+                                 vp + first * stride + h * D, stride, last - first, D, static_cast<float>(scale),
+                                 scores.data(), outp + t * D);
     }
   });
   return out;
