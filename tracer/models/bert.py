@@ -25,7 +25,7 @@ from ..parallel_layers import (
     parallel_state,
     project,
 )
-from ..parallel_layers.layers import FusedLinear, _LinearLayer
+from ..parallel_layers.layers import FusedLinear
 from ..runtime import native_ops
 
 
@@ -228,7 +228,7 @@ def load_bert(model_dir, prefix: str = "", weights: str = "fp32") -> tuple[Paral
         quantize_encoder(model)
     elif weights == "bf16":
         for module in model.encoder.modules():
-            if isinstance(module, _LinearLayer):
+            if hasattr(module, "to_bfloat16"):  # tpserve's linear layers, fused or not
                 module.to_bfloat16()
     elif weights != "fp32":
         raise ValueError(f"BERT weights are fp32, bf16 or int8, got {weights!r}")

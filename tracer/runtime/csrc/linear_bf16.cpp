@@ -1,7 +1,7 @@
-// tpserve::linear_bf16: y = x W^T + b with bfloat16 weights (an encoder built with --weights bf16): x
-// rounded to bfloat16, one bfloat16 GEMM, the output back in x's dtype with the bias added there. ATen hands the GEMM to oneDNN, which runs it on AMX tiles or AVX-512 BF16 where the CPU has
-// them (measured on the Xeon with AMX, 2 threads: MiniLM's linears at 400 rows 3.1x fp32's rate, at 16
-// rows 1.7x) and converts on other CPUs (correct, not faster).
+// tpserve::linear_bf16: y = x W^T + b with bfloat16 weights (an encoder built with --weights bf16): x rounded to
+// bfloat16, one bfloat16 GEMM, the output back in x's dtype with the bias added there. ATen hands the GEMM to oneDNN,
+// which runs it on AMX tiles or AVX-512 BF16 where the CPU has them (measured on the Xeon with AMX, 2 threads: MiniLM's
+// linears at 400 rows 3.1x fp32's rate, at 16 rows 1.7x) and converts on other CPUs (correct, not faster).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

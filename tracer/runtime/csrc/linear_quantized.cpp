@@ -6,10 +6,10 @@
 // on 96.5 %.
 //
 // qweight [N, K * bits / 8] uint8 and scale, minimum [N, K / 32] float16, in blocks of 16 weight rows
-// (quantized_blocks.h): integer dot products against the inputs quantized to 16 bits per group (8 with
-// input_bits=8: an encoder's output projections), for generation steps and prompts alike. Measured here (2 threads, SmolLM2's int4 linears): 37 rows 23 ms
-// where dequantizing tiles of weights for the fp32 kernel took 33, 512 rows 322 ms where dequantizing
-// them for ATen's GEMM took 523. Other CPUs (no AVX2): the weights are dequantized for a GEMM.
+// (quantized_blocks.h): integer dot products against the inputs quantized to 16 bits per group (8 with input_bits=8: an
+// encoder's output projections), for generation steps and prompts alike. Measured here (2 threads, SmolLM2's int4
+// linears): 37 rows 23 ms where dequantizing tiles of weights for the fp32 kernel took 33, 512 rows 322 ms where
+// dequantizing them for ATen's GEMM took 523. Other CPUs (no AVX2): the weights are dequantized for a GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

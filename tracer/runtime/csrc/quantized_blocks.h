@@ -166,6 +166,15 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dot4(__m256i q, int32_t 
   return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(inputs)), _mm256_set1_epi16(1));
 }
 
+// A group's 4 features of 8 rows times 4 int8 inputs: int4's q values as they are, int8's as their low
+// nibbles q plus their high nibbles `top` times 16.
+template <int Bits>
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dot_quad(__m256i q, __m256i top, int32_t inputs) {
+  const __m256i low = dot4(q, inputs);
+  if constexpr (Bits == 8) return _mm256_add_epi32(low, _mm256_slli_epi32(dot4(top, inputs), 4));
+  return low;
+}
+
 // block_512 with AVX2: the block as two halves of 8 rows. VPMADDUBSW's 16-bit pair sums cannot saturate
 // with 4-bit values (15 * 128 * 2); int8's q values are split into their two nibbles for it.
 template <int Bits, int Bytes, int M>
@@ -202,14 +211,10 @@ __attribute__((target("avx2,fma,f16c"))) void block_256(const Inputs& in, int64_
         __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) {
-          __m256i h1 = dot4(q[i], four_bytes(p1 + 4 * i));
-          if constexpr (Bits == 8) h1 = _mm256_add_epi32(h1, _mm256_slli_epi32(dot4(top[i], four_bytes(p1 + 4 * i)), 4));
-          high = _mm256_add_epi32(high, h1);
+          high = _mm256_add_epi32(high, dot_quad<Bits>(q[i], top[i], four_bytes(p1 + 4 * i)));
           if constexpr (Bytes == 2) {
             const int8_t* p2 = &in.q2[(m0 + m) * K + g * kGroup];
-            __m256i h2 = dot4(q[i], four_bytes(p2 + 4 * i));
-            if constexpr (Bits == 8) h2 = _mm256_add_epi32(h2, _mm256_slli_epi32(dot4(top[i], four_bytes(p2 + 4 * i)), 4));
-            low = _mm256_add_epi32(low, h2);
+            low = _mm256_add_epi32(low, dot_quad<Bits>(q[i], top[i], four_bytes(p2 + 4 * i)));
           }
         }
         const __m256i dot = Bytes == 2 ? _mm256_add_epi32(_mm256_slli_epi32(high, 8), low) : high;
