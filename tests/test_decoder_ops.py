@@ -1,4 +1,4 @@
-"""tpserve::rms_norm, tpserve::rope and tpserve::cached_attention (csrc/decoder_ops.cpp) equal the
+"""tpserve::rms_norm, tpserve::rope, tpserve::swiglu and tpserve::cached_attention (csrc/decoder_ops.cpp) equal the
 formulas they replace, on the fast path and on the ATen fallback (other dtypes), and trace as single
 ops."""
 
@@ -47,60 +47,86 @@ def test_traced_as_one_op_each():
     assert "tpserve::rms_norm" in graph and "tpserve::rope" in graph and "aten::rsqrt" not in graph
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (2, 40, 1536), (3, 18)])  # 18: 8 at a time + the rest
+def test_swiglu_equals_the_formula(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    gate_up = torch.randn(*shape, generator=g) * 4
+    gate_up.view(-1)[:4] = torch.tensor([-100.0, 100.0, -88.5, 0.0])  # e^-g past fp32's range, and 0
+    gate, up = gate_up.chunk(2, -1)
+    expected = F.silu(gate) * up
+    torch.testing.assert_close(native_ops.swiglu(gate_up), expected, rtol=1e-6, atol=1e-6)
+    gate, up = gate_up.double().chunk(2, -1)  # ATen fallback
+    torch.testing.assert_close(native_ops.swiglu(gate_up.double()), F.silu(gate) * up)
+    assert not native_ops.swiglu(gate_up).isnan().any()
+
+
 def _attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context):
     """What the prefill graphs run: the new keys and values put into the cache rows, the rows' cache
     windows gathered, KV heads widened, SDPA with a causal-by-position mask."""
     rows = slots.unsqueeze(1).expand(positions.shape)
-    cache_k.index_put_((rows, positions), k)
-    cache_v.index_put_((rows, positions), v)
-    keys = cache_k[:, :context].index_select(0, slots).index_select(2, kv_index)
-    values = cache_v[:, :context].index_select(0, slots).index_select(2, kv_index)
+    cache_k.transpose(1, 2).index_put_((rows, positions), k)
+    cache_v.transpose(1, 2).index_put_((rows, positions), v)
+    keys = cache_k[:, :, :context].index_select(0, slots).index_select(1, kv_index)
+    values = cache_v[:, :, :context].index_select(0, slots).index_select(1, kv_index)
     mask = (torch.arange(context).view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                         attn_mask=mask)
-    return out.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+    return out.transpose(1, 2).flatten(-2)
 
 
-@pytest.mark.parametrize("b, length, heads, kv_index, context", [
-    (1, 1, 9, [0, 0, 0, 1, 1, 1, 2, 2, 2], 128),  # SmolLM2 at tp 1: grouped query heads
-    (4, 1, 4, [0, 1, 1, 0], 64),                   # replicated / overlapping KV heads, a full step
-    (2, 5, 2, [0, 1], 32),                         # several tokens per row
+@pytest.mark.parametrize("simd", ["native", "avx2"])
+@pytest.mark.parametrize("b, length, heads, kv_index, context, d", [
+    (1, 1, 9, [0, 0, 0, 1, 1, 1, 2, 2, 2], 128, 64),  # SmolLM2 at tp 1: grouped query heads
+    (4, 1, 4, [0, 1, 1, 0], 64, 64),                   # replicated / overlapping KV heads, a full step
+    (2, 5, 2, [0, 1], 32, 64),                         # several tokens per row
+    (1, 3, 10, [0] * 5 + [1] * 5, 40, 32),             # runs longer than one group; head size 32
+    (2, 2, 4, [0, 0, 1, 1], 24, 128),                  # head size 128
+    (1, 2, 2, [0, 0], 16, 24),                         # head size 24: one head at a time (AVX2)
 ])
-def test_cached_attention_writes_the_cache_and_equals_sdpa_over_it(b, length, heads, kv_index, context):
+def test_cached_attention_writes_the_cache_and_equals_sdpa_over_it(b, length, heads, kv_index, context, d, simd,
+                                                                   monkeypatch):
+    if simd == "avx2":
+        monkeypatch.setenv("TPSERVE_SIMD", "avx2")
     g = torch.Generator().manual_seed(b * 10 + heads)
     rows, kv = 5, max(kv_index) + 1
-    cache_k, cache_v = torch.randn(rows, 256, kv, 64, generator=g), torch.randn(rows, 256, kv, 64, generator=g)
-    fused = torch.randn(b, length, (heads + 2 * kv) * 64, generator=g)  # q, k, v: one projection's output, split
-    q, k, v = (t.unflatten(-1, (-1, 64)) for t in fused.split([heads * 64, kv * 64, kv * 64], -1))
+    cache_k, cache_v = torch.randn(rows, kv, 256, d, generator=g), torch.randn(rows, kv, 256, d, generator=g)
+    qkv = torch.randn(b, length, (heads + 2 * kv) * d, generator=g)  # q, k, v: one projection's output
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([heads * d, kv * d, kv * d], -1))
+    angles = torch.rand(b, length, 1, d, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
     slots = torch.randperm(rows, generator=g)[:b]
     # positions: the first key, the middle, the window's last and past the window (sees all of it)
     starts = torch.tensor([0, context // 2, context - length, context + 7])[:b] if b > 1 else torch.tensor([37])
     positions = starts.unsqueeze(1) + torch.arange(length)
     kv_index = torch.tensor(kv_index)
     expected_k, expected_v = cache_k.clone(), cache_v.clone()
-    expected = _attention(q, k, v, expected_k, expected_v, slots, positions, kv_index, context)
-    got = native_ops.cached_attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, 64 ** -0.5)
+    expected = _attention(_rope(q, cos, sin), _rope(k, cos, sin), v, expected_k, expected_v, slots, positions,
+                          kv_index, context)
+    got = native_ops.cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, d ** -0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)  # written in place, nothing else
+    torch.testing.assert_close(cache_k, expected_k, rtol=1e-6, atol=1e-6)  # written in place, nothing else
+    assert torch.equal(cache_v, expected_v)
     fallback_k, fallback_v = cache_k.double(), cache_v.double()  # ATen fallback
-    fallback = native_ops.cached_attention(q.double(), k.double(), v.double(), fallback_k, fallback_v, slots,
-                                           positions, kv_index, context, 64 ** -0.5)
+    fallback = native_ops.cached_attention(qkv.double(), cos.double(), sin.double(), fallback_k, fallback_v, slots,
+                                           positions, kv_index, context, d ** -0.5)
     torch.testing.assert_close(fallback, expected.double(), rtol=1e-4, atol=1e-5)
 
 
-def test_cached_attention_refuses_a_slot_or_position_outside_the_cache():
-    cache, new = torch.zeros(2, 16, 1, 64), torch.zeros(1, 1, 1, 64)
+def test_cached_attention_refuses_a_slot_or_position_outside_the_cache_or_a_qkv_of_another_width():
+    cache, new, angle = torch.zeros(2, 1, 16, 64), torch.zeros(1, 1, 3 * 64), torch.zeros(1, 1, 1, 64)
     with pytest.raises(RuntimeError, match="slot out of range"):
-        native_ops.cached_attention(new, new, new, cache, cache, torch.tensor([2]), torch.tensor([[0]]),
+        native_ops.cached_attention(new, angle, angle, cache, cache, torch.tensor([2]), torch.tensor([[0]]),
                                     torch.tensor([0]), 16, 0.125)
     with pytest.raises(RuntimeError, match="position out of range"):
-        native_ops.cached_attention(new, new, new, cache, cache, torch.tensor([1]), torch.tensor([[16]]),
+        native_ops.cached_attention(new, angle, angle, cache, cache, torch.tensor([1]), torch.tensor([[16]]),
                                     torch.tensor([0]), 16, 0.125)
+    with pytest.raises(RuntimeError, match=r"qkv must be \[b, L, 256\]"):
+        native_ops.cached_attention(new, angle, angle, cache, cache, torch.tensor([1]), torch.tensor([[1]]),
+                                    torch.tensor([0, 0]), 16, 0.125)
     assert not cache.any()
 
 
 def test_cached_attention_traces_as_one_op_that_writes_the_cache():
-    cache_k, cache_v = torch.zeros(2, 16, 1, 64), torch.zeros(2, 16, 1, 64)
+    cache_k, cache_v = torch.zeros(2, 1, 16, 64), torch.zeros(2, 1, 16, 64)
 
     class Step(torch.nn.Module):
         def __init__(self):
@@ -109,12 +135,12 @@ def test_cached_attention_traces_as_one_op_that_writes_the_cache():
             self.register_buffer("cache_v", cache_v)
             self.register_buffer("kv_index", torch.tensor([0]))
 
-        def forward(self, q, k, v, slots, positions):
-            return native_ops.cached_attention(q, k, v, self.cache_k, self.cache_v, slots, positions,
+        def forward(self, qkv, cos, sin, slots, positions):
+            return native_ops.cached_attention(qkv, cos, sin, self.cache_k, self.cache_v, slots, positions,
                                                self.kv_index, 16, 0.125)
 
-    x = torch.ones(1, 1, 1, 64)
-    traced = torch.jit.trace(Step(), (x, x, x, torch.tensor([0]), torch.tensor([[0]])))
+    x, no_turn = torch.ones(1, 1, 64), (torch.ones(1, 1, 1, 64), torch.zeros(1, 1, 1, 64))
+    traced = torch.jit.trace(Step(), (torch.cat((x, x, x), -1), *no_turn, torch.tensor([0]), torch.tensor([[0]])))
     assert "tpserve::cached_attention" in str(traced.graph) and "index_put" not in str(traced.graph)
-    traced(x, 2 * x, 3 * x, torch.tensor([1]), torch.tensor([[5]]))
-    assert torch.equal(traced.cache_k[1, 5], 2 * x[0, 0]) and torch.equal(traced.cache_v[1, 5], 3 * x[0, 0])
+    traced(torch.cat((x, 2 * x, 3 * x), -1), *no_turn, torch.tensor([1]), torch.tensor([[5]]))
+    assert torch.equal(traced.cache_k[1, :, 5], 2 * x[0]) and torch.equal(traced.cache_v[1, :, 5], 3 * x[0])

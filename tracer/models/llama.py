@@ -96,11 +96,12 @@ def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
 # torch ops, unfused, fp32, for its compiler.
 _CPU_BACKEND = backend.NAME == "cpu"
 # Up to this many tokens per row (generation steps, and prompts up to it) attention is one
-# tpserve::cached_attention op (one task per token and head over its own keys) instead of a cache
-# write, a mask and SDPA: one SmolLM2 layer at 40 prompt tokens 191 -> 65 us, at 128 699 -> 559 us;
-# even at 256, SDPA ahead beyond (512: 8.4 vs 9.0 ms). Whole prefill, A/B in one process: 16 tokens
-# 36.4 -> 33.2 ms, 40 tokens 69.9 -> 63.2, 64 tokens 102 -> 99, 128 no change.
-_NATIVE_ATTENTION_TOKENS = 128
+# tpserve::cached_attention op (q/k rotation, cache write and attention; one task per token and
+# group of query heads over its own keys) instead of a split, two rotations, a cache write, a mask and
+# SDPA. SmolLM2's attention at tp 1, 2 threads, prompts of 40 / 128 / 256 / 512 tokens: 258 -> 63,
+# 682 -> 308, 1768 -> 1127, 5252 -> 4488 us; at 1024 SDPA is ahead (15.9 vs 17.3 ms). A generation
+# step's 30 layers at ~100 positions: ~20 -> ~8 us each.
+_NATIVE_ATTENTION_TOKENS = 512
 
 
 def _native_attention(length: int) -> bool:
@@ -151,7 +152,9 @@ class Attention(nn.Module):
         # query head i reads KV head i // group: SDPA's grouped-query attention, no widening copy
         self.grouped = layout.kv_index == [i // group for i in range(layout.local_heads)]
         self.max_batch = c.max_batch
-        shape = (c.max_batch + 1, c.max_context, layout.local_kv, hd)  # + 1: the scratch row of idle rows
+        # [row, KV head, position, D]: each KV head's keys in one run (what SDPA reads, and what a step's
+        # attention streams); + 1 row: the scratch row of idle rows
+        shape = (c.max_batch + 1, layout.local_kv, c.max_context, hd)
         self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
 
@@ -163,33 +166,34 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, slots, mask, rows):
         b, length, _ = x.shape
+        if _native_attention(length):  # one op rotates, writes and reads the cache rows in place
+            qkv = (self.qkv_proj(x, rows, split=False) if self.fused
+                   else torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1))
+            out = native_ops.cached_attention(qkv, cos, sin, self.cache_k, self.cache_v, slots, positions,
+                                              self.kv_index, self.context, self.head_dim ** -0.5)
+            return project(self.o_proj, out, rows)
         q, k, v = self.qkv_proj(x, rows) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = _rotate(q.view(b, length, self.local_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(b, length, self.local_kv, self.head_dim), cos, sin)
         v = v.view(b, length, self.local_kv, self.head_dim)
-        if _native_attention(length):  # one op writes and reads the cache rows in place
-            out = native_ops.cached_attention(q, k, v, self.cache_k, self.cache_v, slots, positions, self.kv_index,
-                                              self.context, self.head_dim ** -0.5)
-            return project(self.o_proj, out.view(b, length, self.local_heads * self.head_dim), rows)
         cache_rows = slots.unsqueeze(1).expand(b, length)
-        self.cache_k.index_put_((cache_rows, positions), k)  # in place: O(new tokens)
-        self.cache_v.index_put_((cache_rows, positions), v)
+        self.cache_k.transpose(1, 2).index_put_((cache_rows, positions), k)  # in place: O(new tokens)
+        self.cache_v.transpose(1, 2).index_put_((cache_rows, positions), v)
         # this graph's window of the cache rows, without a copy where the layout allows: one row (a
         # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
         # row i's cache row i, as the generator puts each row at its slot (idle rows write to the
         # scratch row and their output is not used); anything else gathers its rows
         if b == 1:
-            keys = self.cache_k.narrow(0, slots[0], 1)[:, : self.context]
-            values = self.cache_v.narrow(0, slots[0], 1)[:, : self.context]
+            keys = self.cache_k.narrow(0, slots[0], 1)[:, :, : self.context]
+            values = self.cache_v.narrow(0, slots[0], 1)[:, :, : self.context]
         elif length == 1 and b == self.max_batch:
-            keys, values = self.cache_k[:b, : self.context], self.cache_v[:b, : self.context]
+            keys, values = self.cache_k[:b, :, : self.context], self.cache_v[:b, :, : self.context]
         else:
-            keys = self.cache_k[:, : self.context].index_select(0, slots)
-            values = self.cache_v[:, : self.context].index_select(0, slots)
+            keys = self.cache_k[:, :, : self.context].index_select(0, slots)
+            values = self.cache_v[:, :, : self.context].index_select(0, slots)
         if not self.grouped:  # padded or overlapping heads: widen KV heads to the local query heads
-            keys, values = keys.index_select(2, self.kv_index), values.index_select(2, self.kv_index)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask, enable_gqa=self.grouped)
+            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.grouped)
         return project(self.o_proj, out.transpose(1, 2).reshape(b, length, self.local_heads * self.head_dim), rows)
 
 
@@ -208,8 +212,9 @@ class Mlp(nn.Module):
         self.fused = True
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, rows) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return project(self.down_proj, F.silu(gate) * up, rows)
+        if self.fused:  # tpserve's layers (CPU): one op for the split, the SiLU and the product
+            return project(self.down_proj, native_ops.swiglu(self.gate_up_proj(x, rows, split=False)), rows)
+        return project(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), rows)
 
 
 class DecoderLayer(nn.Module):

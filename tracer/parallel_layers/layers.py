@@ -130,7 +130,8 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
 class FusedLinear(_LinearLayer):
     """Column projections of the same input (q/k/v, gate/up), each already loaded with this rank's
     rows, as one weight matrix: one read of the weights and one op instead of several. Returns
-    the projections' outputs, split."""
+    the projections' outputs, split (split=False: as one tensor, for an op that reads the parts
+    where they lie)."""
 
     def __init__(self, parts: list[_LinearLayer]) -> None:
         super().__init__()
@@ -142,8 +143,9 @@ class FusedLinear(_LinearLayer):
             self.bias = nn.Parameter(torch.cat([b.detach() if b is not None else torch.zeros(n)
                                                 for b, n in zip(biases, self.sizes, strict=True)]), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return list(self._matmul(x, self.bias, rows).split(self.sizes, dim=-1))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, split: bool = True):
+        y = self._matmul(x, self.bias, rows)
+        return list(y.split(self.sizes, dim=-1)) if split else y
 
 
 class _ParallelLinear(_LinearLayer):

@@ -139,15 +139,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return ops().rms_norm(x, weight, eps)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     slots: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor, context: int,
-                     scale: float) -> torch.Tensor:
-    """Writes the new keys and values k, v [b, L, KV heads, D] in place into the caches [rows,
-    max_context, KV heads, D] at (slots[i], positions[i, l]), then softmax(q k^T * scale) v over the
-    first `context` positions of each row's cache row, causal by position, query head h reading KV
-    head kv_index[h]: q [b, L, heads, D] -> [b, L, heads, D]; one op, the caches read where they lie
-    (csrc/decoder_ops.cpp)."""
-    return ops().cached_attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, scale)
+def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor,
+                     context: int, scale: float) -> torch.Tensor:
+    """Attention of new tokens over the KV cache, one op: qkv [b, L, (heads + 2 KV heads) * D] (a fused
+    q/k/v projection's output) split, q and k rotated (rope's cos, sin [b, L, 1, D]), the new keys and
+    values written in place into the caches [rows, KV heads, max_context, D] at (slots[i],
+    positions[i, l]), then softmax(q k^T * scale) v over the first `context` positions of each row's
+    cache row, causal by position, query head h reading KV head kv_index[h] -> [b, L, heads * D]; the
+    caches read where they lie (csrc/decoder_ops.cpp)."""
+    return ops().cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
@@ -156,6 +157,12 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets:
     offsets[r] .. offsets[r + 1] - 1 and attends only to itself; tokens past offsets[-1] come back 0
     (csrc/encoder_ops.cpp)."""
     return ops().packed_attention(q, k, v, offsets, scale)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2 I] (a fused gate / up projection's output) -> [..., I], one op
+    (csrc/decoder_ops.cpp)."""
+    return ops().swiglu(gate_up)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

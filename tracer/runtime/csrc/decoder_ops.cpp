@@ -1,8 +1,8 @@
-// tpserve::rms_norm, tpserve::rope and tpserve::cached_attention: a decoder layer's RMS normalisation,
-// rotary embedding and a generation step's attention over the KV cache as one op each instead of 6, 7
-// and ~12 ATen ops. A generation step runs ~60, ~60 and 30 of them on a few hundred numbers each,
-// where dispatching the small ops, not the arithmetic, is the cost. Other dtypes, devices and shapes
-// take the same formulas in ATen ops.
+// tpserve::rms_norm, tpserve::rope, tpserve::cached_attention and tpserve::swiglu: a decoder layer's RMS
+// normalisation, rotary embedding, attention over the KV cache (with q/k rotation and the cache write)
+// and gated activation as one op each instead of 6, 7, ~15 and 3 ATen ops. A generation step runs 60,
+// 30 and 30 of them on a few hundred numbers each, where dispatching the small ops, not the arithmetic,
+// is the cost. Other dtypes, devices and shapes take the same formulas in ATen ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -89,75 +89,150 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
-// The new keys and values k, v [b, L, KV, D] written in place at cache_k/v[slots[i], positions[i, l]],
-// then softmax(q k^T * scale) v for each query token over the first `context` positions of its cache
-// row, causal by position (key j is seen by a token at position p when j <= p): q [b, L, H, D], caches
-// [rows, max_context, KV, D], slots [b] (the cache row of each of q's rows), positions [b, L],
-// kv_index [H] (the KV head each query head reads). Returns [b, L, H, D]. The caches are read where
-// they lie: no gathered copy of the rows, no mask tensor, no transposes.
-at::Tensor attention_formula(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
-                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
-                             const at::Tensor& kv_index, int64_t context, double scale) {
-  const at::Tensor rows = slots.unsqueeze(1).expand(positions.sizes());
-  cache_k.index_put_({rows, positions}, k);
-  cache_v.index_put_({rows, positions}, v);
-  const at::Tensor keys = cache_k.index_select(0, slots).narrow(1, 0, context).index_select(2, kv_index);
-  const at::Tensor values = cache_v.index_select(0, slots).narrow(1, 0, context).index_select(2, kv_index);
-  at::Tensor scores = at::einsum("blhd,bchd->bhlc", {q, keys}) * scale;
-  const at::Tensor seen = at::arange(context, positions.options()).view({1, 1, -1}) <= positions.unsqueeze(-1);
-  scores = scores.masked_fill(seen.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
-  return at::einsum("bhlc,bchd->blhd", {at::softmax(scores, -1), values});
+// Llama's rotary embedding of one head's D values (rope's formula): out = x * cos + rotate_half(x) * sin.
+inline void rotate(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] - x[d + half] * s[d];
+  for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
 }
 
-at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
+// cached_attention's formula in ATen ops (other dtypes and devices).
+at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
+                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
+                             const at::Tensor& kv_index, int64_t context, double scale) {
+  const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
+  const std::vector<at::Tensor> parts = qkv.split_with_sizes({H * D, KV * D, KV * D}, -1);
+  const at::Tensor q = rope(parts[0].unflatten(-1, {H, D}), cos, sin), k = rope(parts[1].unflatten(-1, {KV, D}), cos, sin);
+  const at::Tensor v = parts[2].unflatten(-1, {KV, D});
+  const at::Tensor rows = slots.unsqueeze(1).expand(positions.sizes());
+  cache_k.transpose(1, 2).index_put_({rows, positions}, k);
+  cache_v.transpose(1, 2).index_put_({rows, positions}, v);
+  const at::Tensor keys = cache_k.index_select(0, slots).narrow(2, 0, context).index_select(1, kv_index);
+  const at::Tensor values = cache_v.index_select(0, slots).narrow(2, 0, context).index_select(1, kv_index);
+  at::Tensor scores = at::einsum("blhd,bhcd->bhlc", {q, keys}) * scale;
+  const at::Tensor seen = at::arange(context, positions.options()).view({1, 1, -1}) <= positions.unsqueeze(-1);
+  scores = scores.masked_fill(seen.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
+  return at::einsum("bhlc,bhcd->blhd", {at::softmax(scores, -1), values}).flatten(-2);
+}
+
+// qkv [b, L, (H + 2 KV) D]: one fused projection's q, k and v for each of b rows' L new tokens. Rotates q and
+// k (rope's cos, sin [b, L, 1, D]), writes the rotated keys and the values in place at cache_k/v[slots[i],
+// positions[i, l]], then returns softmax(q k^T * scale) v [b, L, H D] for each query token over the first
+// `context` positions of its cache row, causal by position (key j is seen by a token at position p when
+// j <= p): caches [rows, KV, max_context, D], slots [b] (the cache row of each of qkv's rows), positions
+// [b, L], kv_index [H] (the KV head each query head reads). One op for what took a split, two rotations,
+// a cache write, a gather of the rows, a mask and SDPA; the caches are read where they lie.
+at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
                             const at::Tensor& kv_index, int64_t context, double scale) {
-  const bool fast = q.device().is_cpu() && q.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
-                    cache_v.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                    v.scalar_type() == at::kFloat && q.dim() == 4 && cache_k.dim() == 4 &&
-                    cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() && cache_v.is_contiguous() &&
-                    q.size(3) == cache_k.size(3) && q.size(3) % 8 == 0 && context <= cache_k.size(1) &&
-                    k.sizes() == v.sizes() && k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                    k.size(2) == cache_k.size(2) && k.size(3) == q.size(3) && slots.numel() == q.size(0) &&
-                    positions.sizes() == q.sizes().slice(0, 2) && kv_index.numel() == q.size(2) &&
-                    !q.requires_grad() && tpserve_simd::cpu_has_avx2_fma();
-  if (!fast) return attention_formula(q, k, v, cache_k, cache_v, slots, positions, kv_index, context, scale);
-  const at::Tensor qc = q.contiguous(), kc_new = k.contiguous(), vc_new = v.contiguous();
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "cached_attention: caches [rows, context, KV, D]");
+  const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(-1) == (H + 2 * KV) * D, "cached_attention: qkv must be [b, L, ",
+              (H + 2 * KV) * D, "] for ", H, " heads and ", KV, " KV heads of ", D);
+  const int64_t B = qkv.size(0), L = qkv.size(1);
+  const bool fast = qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
+                    cache_v.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                    sin.scalar_type() == at::kFloat && cos.numel() == B * L * D && sin.numel() == B * L * D &&
+                    cache_k.is_contiguous() && cache_v.is_contiguous() && D % 8 == 0 && context <= cache_k.size(2) &&
+                    slots.numel() == B && positions.sizes() == qkv.sizes().slice(0, 2) && !qkv.requires_grad() &&
+                    tpserve_simd::cpu_has_avx2_fma();
+  if (!fast) return attention_formula(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale);
+  const at::Tensor x = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const at::Tensor kvi = kv_index.to(at::kLong).contiguous();
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t rows = cache_k.size(0), C = cache_k.size(1), KV = cache_k.size(2);
+  const int64_t rows = cache_k.size(0), C = cache_k.size(2), width = (H + 2 * KV) * D;
   const int64_t *sp = sl.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>(), *kp = kvi.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < rows, "cached_attention: slot out of range");
   for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < C, "cached_attention: position out of range");
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kp[h] >= 0 && kp[h] < KV, "cached_attention: kv_index out of range");
-  // the new tokens' keys and values into their cache rows: O(new tokens)
+  const float *xp = x.data_ptr<float>(), *cp = cc.data_ptr<float>(), *snp = sc.data_ptr<float>();
+  // the new tokens' keys (rotated) and values into their cache rows: O(new tokens)
   float *kc = cache_k.data_ptr<float>(), *vc = cache_v.data_ptr<float>();
-  const float *kn = kc_new.data_ptr<float>(), *vn = vc_new.data_ptr<float>();
   for (int64_t i = 0; i < B * L; ++i) {
-    const int64_t at = (sp[i / L] * C + pp[i]) * KV * D;
-    std::copy_n(kn + i * KV * D, KV * D, kc + at);
-    std::copy_n(vn + i * KV * D, KV * D, vc + at);
+    const float* token = xp + i * width;
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t at = ((sp[i / L] * KV + h) * C + pp[i]) * D;
+      rotate(token + (H + h) * D, cp + i * D, snp + i * D, D, kc + at);
+      std::copy_n(token + (H + KV + h) * D, D, vc + at);
+    }
   }
-  at::Tensor out = at::empty_like(qc);
-  const float* qp = qc.data_ptr<float>();
+  // runs of consecutive query heads on one KV head (SmolLM2: 3): attended together where AVX-512 allows
+  const bool grouped = tpserve_attend::group_limit(D) > 0;
+  const int limit = std::max(1, tpserve_attend::group_limit(D));
+  std::vector<std::pair<int64_t, int>> runs;  // (first head, heads)
+  for (int64_t h = 0; h < H; ++h) {
+    if (!runs.empty() && kp[h] == kp[runs.back().first] && runs.back().first + runs.back().second == h &&
+        runs.back().second < limit)
+      ++runs.back().second;
+    else
+      runs.emplace_back(h, 1);
+  }
+  at::Tensor out = at::empty({B, L, H * D}, x.options());
   float* op = out.data_ptr<float>();
-  const int64_t stride = KV * D;
-  // one task per (row, token, head); a task reads at most `context` keys and values of D floats
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, context * D));
-  at::parallel_for(0, B * L * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(context);
+  const int64_t tasks = B * L * static_cast<int64_t>(runs.size());
+  // one task per (row, token, run); split over threads only where the work outweighs waking them
+  // (~12k keys read per thread: a generation step's lone row stays on one thread)
+  const int64_t grain = std::max<int64_t>(1, 12288 / std::max<int64_t>(1, context * limit));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(limit) * context), q(static_cast<size_t>(limit) * D);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t token = t / H, h = t % H, row = token / L;
+      const int64_t token = t / static_cast<int64_t>(runs.size()), row = token / L;
+      const auto [first, heads] = runs[t % runs.size()];
+      for (int g = 0; g < heads; ++g)
+        rotate(xp + token * width + (first + g) * D, cp + token * D, snp + token * D, D, q.data() + g * D);
       // positions are checked >= 0 above, so every token sees at least key 0; all `context` keys at
       // or past the window's end
       const int64_t seen = std::min<int64_t>(context, pp[token] + 1);
-      const int64_t base = sp[row] * C * stride + kp[h] * D;
-      tpserve_attend::attend_one(qp + t * D, kc + base, vc + base, stride, seen, D, static_cast<float>(scale), scores.data(),
-                 op + t * D);
+      const int64_t base = (sp[row] * KV + kp[first]) * C * D;  // the KV head's keys, one after another
+      float* dst = op + token * H * D + first * D;
+      if (grouped) {
+        tpserve_attend::group_kernel(heads, D)(q.data(), kc + base, vc + base, D, seen, static_cast<float>(scale),
+                                               scores.data(), dst);
+      } else {
+        for (int g = 0; g < heads; ++g)
+          tpserve_attend::attend_one(q.data() + g * D, kc + base, vc + base, D, seen, D,
+                                     static_cast<float>(scale), scores.data(), dst + g * D);
+      }
     }
   });
   return out;
+}
+
+// silu(gate) * up for gate_up [..., 2 I], a fused gate / up projection's output: [..., I]. One op for
+// a split, a SiLU and a product (with exp8's e^x: relative error ~1e-7, as ATen's vectorized SiLU).
+__attribute__((target("avx2,fma"))) void swiglu_rows(const float* x, int64_t rows, int64_t I, float* y) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), limit = _mm256_set1_ps(88.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *gate = x + r * 2 * I, *up = gate + I;
+    float* out = y + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gate + i);
+      // e^-g with -g <= 88 (exp8 is exact in form for positive x up to there): beyond, silu(g) is -0
+      const __m256 e = tpserve_attend::exp8(_mm256_min_ps(_mm256_sub_ps(zero, g), limit));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < I; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  const int64_t I = gate_up.size(-1) / 2;
+  if (!gate_up.device().is_cpu() || gate_up.scalar_type() != at::kFloat || gate_up.size(-1) % 2 ||
+      gate_up.requires_grad() || !tpserve_simd::cpu_has_avx2_fma()) {
+    const std::vector<at::Tensor> parts = gate_up.chunk(2, -1);
+    return at::silu(parts[0]) * parts[1];
+  }
+  const at::Tensor x = gate_up.contiguous();
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t rows = x.numel() / std::max<int64_t>(1, 2 * I);
+  // prompts: rows split over the threads (a generation step's few rows stay on one)
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
+    swiglu_rows(x.data_ptr<float>() + begin * 2 * I, end - begin, I, y.data_ptr<float>() + begin * I);
+  });
+  return y;
 }
 
 }  // namespace
@@ -165,12 +240,14 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
         "Tensor positions, Tensor kv_index, int context, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) {
   m.impl("rms_norm", TORCH_FN(rms_norm));
   m.impl("rope", TORCH_FN(rope));
+  m.impl("swiglu", TORCH_FN(swiglu));
   m.impl("cached_attention", TORCH_FN(cached_attention));
 }
