@@ -59,5 +59,6 @@ class RankShard:
     def run(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
         output = self.graphs[bucket](*inputs)
         for state, index in self.states:  # input->output aliases: keep the update for the next call
-            state.copy_(output[index])  # a no-op where the graph updated the state in place
+            if output[index] is not state:  # the graph returned a new tensor rather than updating it in
+                state.copy_(output[index])  # place (a KV cache is updated in place: 60 checks a step)
         return output
