@@ -125,7 +125,7 @@ at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const
 at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
                             const at::Tensor& kv_index, int64_t context, double scale) {
-  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "cached_attention: caches [rows, context, KV, D]");
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "cached_attention: caches [rows, KV, context, D]");
   const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(-1) == (H + 2 * KV) * D, "cached_attention: qkv must be [b, L, ",
               (H + 2 * KV) * D, "] for ", H, " heads and ", KV, " KV heads of ", D);
