@@ -81,6 +81,7 @@ def _attention(q, k, v, cache_k, cache_v, slots, positions, kv_index, context):
     (1, 3, 10, [0] * 5 + [1] * 5, 40, 32),             # runs longer than one group; head size 32
     (2, 2, 4, [0, 0, 1, 1], 24, 128),                  # head size 128
     (1, 2, 2, [0, 0], 16, 24),                         # head size 24: one head at a time (AVX2)
+    (1, 1, 9, [0, 0, 0, 1, 1, 1, 2, 2, 2], 512, 64),  # a lone row's step at a long context: heads over threads
 ])
 def test_cached_attention_writes_the_cache_and_equals_sdpa_over_it(b, length, heads, kv_index, context, d, simd,
                                                                    monkeypatch):
@@ -88,14 +89,17 @@ def test_cached_attention_writes_the_cache_and_equals_sdpa_over_it(b, length, he
         monkeypatch.setenv("TPSERVE_SIMD", "avx2")
     g = torch.Generator().manual_seed(b * 10 + heads)
     rows, kv = 5, max(kv_index) + 1
-    cache_k, cache_v = torch.randn(rows, kv, 256, d, generator=g), torch.randn(rows, kv, 256, d, generator=g)
+    size = max(256, context)
+    cache_k, cache_v = torch.randn(rows, kv, size, d, generator=g), torch.randn(rows, kv, size, d, generator=g)
     qkv = torch.randn(b, length, (heads + 2 * kv) * d, generator=g)  # q, k, v: one projection's output
     q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([heads * d, kv * d, kv * d], -1))
     angles = torch.rand(b, length, 1, d, generator=g) * 6
     cos, sin = angles.cos(), angles.sin()
     slots = torch.randperm(rows, generator=g)[:b]
     # positions: the first key, the middle, the window's last and past the window (sees all of it)
-    starts = torch.tensor([0, context // 2, context - length, context + 7])[:b] if b > 1 else torch.tensor([37])
+    starts = torch.tensor([0, context // 2, context - length, context + 7])[:b]
+    if b == 1:
+        starts = torch.tensor([37 + context // 2])
     positions = starts.unsqueeze(1) + torch.arange(length)
     kv_index = torch.tensor(kv_index)
     expected_k, expected_v = cache_k.clone(), cache_v.clone()

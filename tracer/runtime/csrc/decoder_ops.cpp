@@ -156,23 +156,35 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       std::copy_n(token + (H + KV + h) * D, D, vc + at);
     }
   }
-  // runs of consecutive query heads on one KV head (SmolLM2: 3): attended together where AVX-512 allows
+  // Threads only where the work outweighs waking them: under ~4k (key, head) pairs (a lone row's step
+  // at up to ~450 positions) one thread does it all. Tasks: one per (row, token, run of consecutive
+  // query heads on one KV head: SmolLM2's 3), attended together where AVX-512 allows, or one per
+  // query head when too few runs would leave a thread idle (a lone row's step at a long context:
+  // memory-bound there, each thread reading its heads' keys; at bucket 1024 one thread took ~3x longer).
+  const int64_t work = B * L * H * context;
+  const bool parallel = work >= 4096 && at::get_num_threads() > 1;
   const bool grouped = tpserve_attend::group_limit(D) > 0;
-  const int limit = std::max(1, tpserve_attend::group_limit(D));
-  std::vector<std::pair<int64_t, int>> runs;  // (first head, heads)
-  for (int64_t h = 0; h < H; ++h) {
-    if (!runs.empty() && kp[h] == kp[runs.back().first] && runs.back().first + runs.back().second == h &&
-        runs.back().second < limit)
-      ++runs.back().second;
-    else
-      runs.emplace_back(h, 1);
+  int limit = std::max(1, tpserve_attend::group_limit(D));
+  const auto group_runs = [&] {
+    std::vector<std::pair<int64_t, int>> runs;  // (first head, heads)
+    for (int64_t h = 0; h < H; ++h) {
+      if (!runs.empty() && kp[h] == kp[runs.back().first] && runs.back().first + runs.back().second == h &&
+          runs.back().second < limit)
+        ++runs.back().second;
+      else
+        runs.emplace_back(h, 1);
+    }
+    return runs;
+  };
+  std::vector<std::pair<int64_t, int>> runs = group_runs();
+  if (parallel && B * L * static_cast<int64_t>(runs.size()) < 2 * at::get_num_threads()) {
+    limit = 1;
+    runs = group_runs();
   }
   at::Tensor out = at::empty({B, L, H * D}, x.options());
   float* op = out.data_ptr<float>();
   const int64_t tasks = B * L * static_cast<int64_t>(runs.size());
-  // one task per (row, token, run); split over threads only where the work outweighs waking them
-  // (~12k keys read per thread: a generation step's lone row stays on one thread)
-  const int64_t grain = std::max<int64_t>(1, 12288 / std::max<int64_t>(1, context * limit));
+  const int64_t grain = parallel ? 1 : tasks;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(limit) * context), q(static_cast<size_t>(limit) * D);
     for (int64_t t = begin; t < end; ++t) {
