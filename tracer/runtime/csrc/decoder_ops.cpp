@@ -156,11 +156,12 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       std::copy_n(token + (H + KV + h) * D, D, vc + at);
     }
   }
-  // Threads only where the work outweighs waking them: under ~4k (key, head) pairs (a lone row's step
-  // at up to ~450 positions) one thread does it all. Tasks: one per (row, token, run of consecutive
-  // query heads on one KV head: SmolLM2's 3), attended together where AVX-512 allows, or one per
-  // query head when too few runs would leave a thread idle (a lone row's step at a long context:
-  // memory-bound there, each thread reading its heads' keys; at bucket 1024 one thread took ~3x longer).
+  // Threads only where the work outweighs waking them: under ~4k (key, head) pairs (SmolLM2: a lone
+  // row's step in a context bucket of up to 256) one thread does it all. Tasks: one per (row, token,
+  // run of consecutive query heads on one KV head: SmolLM2's 3), attended together where AVX-512
+  // allows, or one per query head when too few runs would leave a thread idle (a lone row's step at
+  // a long context: memory-bound there, each thread reading its heads' keys; at bucket 1024 one
+  // thread took twice as long).
   const int64_t work = B * L * H * context;
   const bool parallel = work >= 4096 && at::get_num_threads() > 1;
   const bool grouped = tpserve_attend::group_limit(D) > 0;
