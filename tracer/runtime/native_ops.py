@@ -1,7 +1,6 @@
 """Builds and loads tpserve's C++ ops (csrc/*.cpp: the collectives, the few-row fp32 / int8 / int4 linear,
-the bfloat16 one,
-the decoder's RMS norm, rotary embedding and cached attention, the encoder's packed attention) as
-one library, registered as torch.ops.tpserve.
+the bfloat16 one, the decoder's RMS norm, rotary embedding, cached attention and SwiGLU, the encoder's
+packed attention) as one library, registered as torch.ops.tpserve.
 
 The library is compiled with the machine's g++ against the installed torch when a rank runtime, a
 trace worker or a layer first needs it (not on import: `python -m tracer --help`, the archive step

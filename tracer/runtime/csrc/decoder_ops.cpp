@@ -61,6 +61,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+// Llama's rotary embedding of one head's D values (rope's formula): out = x * cos + rotate_half(x) * sin.
+inline void rotate(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] - x[d + half] * s[d];
+  for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
+}
+
 // x * cos + rotate_half(x) * sin for x [b, L, heads, D] and cos, sin [b, L, 1, D] (one angle set per
 // token, shared by its heads); rotate_half(x) = cat(-x[D/2:], x[:D/2]).
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -74,26 +81,13 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   }
   const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor y = at::empty_like(xc);
-  const int64_t tokens = x.size(0) * x.size(1), heads = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t tokens = x.size(0) * x.size(1), heads = x.size(2), D = x.size(3);
   const float *xp = xc.data_ptr<float>(), *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float *c = cp + t * D, *s = sp + t * D;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* v = xp + (t * heads + h) * D;
-      float* out = yp + (t * heads + h) * D;
-      for (int64_t d = 0; d < half; ++d) out[d] = v[d] * c[d] - v[d + half] * s[d];
-      for (int64_t d = half; d < D; ++d) out[d] = v[d] * c[d] + v[d - half] * s[d];
-    }
-  }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      rotate(xp + (t * heads + h) * D, cp + t * D, sp + t * D, D, yp + (t * heads + h) * D);
   return y;
-}
-
-// Llama's rotary embedding of one head's D values (rope's formula): out = x * cos + rotate_half(x) * sin.
-inline void rotate(const float* x, const float* c, const float* s, int64_t D, float* out) {
-  const int64_t half = D / 2;
-  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] - x[d + half] * s[d];
-  for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
 }
 
 // cached_attention's formula in ATen ops (other dtypes and devices).
@@ -164,8 +158,9 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   // thread took twice as long).
   const int64_t work = B * L * H * context;
   const bool parallel = work >= 4096 && at::get_num_threads() > 1;
-  const bool grouped = tpserve_attend::group_limit(D) > 0;
-  int limit = std::max(1, tpserve_attend::group_limit(D));
+  const int most = tpserve_attend::group_limit(D);  // 0: one head at a time (attend_one)
+  const bool grouped = most > 0;
+  int limit = std::max(1, most);
   const auto group_runs = [&] {
     std::vector<std::pair<int64_t, int>> runs;  // (first head, heads)
     for (int64_t h = 0; h < H; ++h) {
