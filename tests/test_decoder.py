@@ -79,6 +79,25 @@ def test_random_llama_greedy_equals_hf_generate_and_rows_are_independent(random_
         generator.close()
 
 
+def test_a_batch_of_more_than_8_rows_runs_lone_rows_in_the_full_graph(random_llama, tmp_path):
+    """From 9 rows on, tpserve::linear sums a row in another order than it sums a lone row (the column
+    kernel, with AVX-512): a batch of 12 has no one-row graph, so a row's tokens are the same whether it
+    runs alone or with 11 others."""
+    from tracer.build.decoder_checkpoint import generation_rows
+
+    assert generation_rows(4) == [1, 4] and generation_rows(8) == [1, 8] and generation_rows(12) == [12]
+    directory, hf = random_llama
+    prompts = [[(7 * i + j) % 256 for j in range(3 + i)] for i in range(12)]
+    generator = Generator(_trace(directory, tmp_path, 1, batch_size=12))
+    try:
+        assert generator.rows == [12]
+        batched = [c.token_ids for c in generator.generate(prompts, SamplingParams(max_new_tokens=16))]
+        assert batched == [_hf_greedy(hf, p, 16) for p in prompts]
+        assert [generator.generate([p], SamplingParams(max_new_tokens=16))[0].token_ids for p in prompts] == batched
+    finally:
+        generator.close()
+
+
 def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path):
     """Prompts up to 512 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)."""
     directory, hf = random_llama

@@ -1,8 +1,9 @@
-"""tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernel (one pass up to 8 rows,
-tile by tile up to 64 rows on 2+ threads, 24 on one) equals F.linear; tpserve::linear_int8 / int4
-(csrc/linear_quantized.cpp) equal F.linear with the dequantized weights up to their rounding of the
-inputs to 16 bits (or 8, input_bits=8: the encoder's), and the layers store their groups as those
-kernels read them; with `rows`, all three compute a bucket's real rows only."""
+"""tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernels (one pass up to 8 rows;
+with AVX-512 the column kernel up to 48; tile by tile up to 64 rows on 2+ threads, 24 on one) equal
+F.linear; tpserve::linear_int8 / int4 (csrc/linear_quantized.cpp) equal F.linear with the dequantized
+weights up to their rounding of the inputs to 16 bits (or 8, input_bits=8: the encoder's), and the
+layers store their groups as those kernels read them; with `rows`, all three compute a bucket's real
+rows only."""
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def simd(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 24, 25, 40, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 24, 25, 33, 40, 48, 49, 64, 65])
 @pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
 def test_linear_equals_f_linear(rows, features, threads, simd):
     k, n = features
@@ -39,20 +40,28 @@ def test_linear_equals_f_linear(rows, features, threads, simd):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_rows_equal_each_row_alone(simd):
-    """Up to 64 rows (2 threads: one pass, or passes over tiles) each row gives exactly what it gives
-    alone: a generation step's tokens do not depend on the sequences batched with it, nor a prompt's
-    rows on the bucket's other rows."""
+def test_linear_rows_do_not_depend_on_the_other_rows(simd):
+    """A row's result does not depend on the rows computed with it (a generation step's tokens on the
+    sequences batched with it, a text's embedding on the texts packed with it): up to 8 rows, and up to 64
+    (2 threads) on the row kernels alone, each row gives exactly what it gives alone; with AVX-512, 9 to 48
+    rows go to the column kernel, which sums in another order, and each row gives exactly what it gives in
+    any other call of 9 to 48 rows."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2: tpserve::linear leaves every shape to ATen, which promises no such thing")
+    columns = simd == "avx512" and torch.backends.cpu.get_cpu_capability() == "AVX512"
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(64, 584, generator=g), torch.randn(203, 584, generator=g), torch.randn(203, generator=g)
         alone = torch.cat([native_ops.linear(x[i:i + 1], w, b) for i in range(64)])
-        for rows in (2, 3, 4, 5, 7, 8, 9, 13, 24, 40, 64):
+        for rows in (2, 3, 4, 5, 7, 8, 49, 64) if columns else (2, 3, 4, 5, 7, 8, 9, 13, 24, 40, 64):
             assert torch.equal(native_ops.linear(x[:rows], w, b), alone[:rows]), rows
+        if columns:
+            many = native_ops.linear(x[:48], w, b)
+            for first, rows in ((0, 9), (0, 13), (0, 16), (0, 17), (0, 33), (5, 20), (30, 18), (16, 32)):
+                assert torch.equal(native_ops.linear(x[first:first + rows], w, b), many[first:first + rows]), rows
+            assert not torch.equal(many, alone[:48])  # another order of sums: the test would see a mix-up
     finally:
         torch.set_num_threads(before)
 

@@ -63,10 +63,17 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
     return decoder, prefill, contexts
 
 
+# Up to how many rows tpserve::linear sums each row as it sums a row alone (csrc/linear.cpp: from 9 rows
+# on, with AVX-512, the column kernel sums in another order, the same for any 9 to 48 rows).
+SAME_SUMS_AS_ONE_ROW = 8
+
+
 def generation_rows(max_batch: int) -> list[int]:
     """Row counts of the generation graphs: a lone row runs a one-row graph (a single stream does
-    not pay for the batch's idle rows), more run the full batch graph."""
-    return sorted({1, max_batch})
+    not pay for the batch's idle rows), more run the full batch graph. A batch of more than
+    SAME_SUMS_AS_ONE_ROW rows has the full graph only: a row's tokens never depend on the rows that
+    happen to run with it."""
+    return sorted({1, max_batch}) if max_batch <= SAME_SUMS_AS_ONE_ROW else [max_batch]
 
 
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
