@@ -3,9 +3,9 @@
 // broadcast and multiplied with V = ceil(rows / 16) such vectors. The weights are read once, in their
 // own layout, for all the rows at once, and the multiply-adds need no sums across lanes afterwards (the
 // row kernels of fp32_rows.h multiply 8 rows per pass over a tile of weights, each output a sum of 16
-// lanes). Measured here on SmolLM2's linears, 2 threads, weights from memory: 24 rows 1.2x, 37 rows 1.1-1.2x,
-// 48 rows 1.4x the row kernels' rate; 64 rows and more (4+ vectors: the transposed input no longer
-// stays near the core) are no faster, and stay with them and with ATen.
+// lanes). Measured here on SmolLM2's 30 layers of linears, 2 threads, weights from memory, against the
+// tiles of row kernels: 12-24 rows 1.05-1.1x, 37 rows 1.27x, 48 rows 1.37x; 64 and 96 rows (4+ vectors:
+// the transposed input no longer stays near the core) no faster, so they stay with the tiles and ATen.
 #pragma once
 
 #include <immintrin.h>
@@ -132,8 +132,8 @@ __attribute__((target("avx512f"))) void weight_rows(const float* xt, const float
 
 // Weight rows per call: 16 / 12 / 8 for 1 / 2 / 3 vectors of inputs (up to 24 sums, V inputs and the
 // broadcast weight in the 32 registers). Fewer vectors, more rows: each weight is loaded once for V
-// multiply-adds, and the loads, not the multiply-adds, bound one vector (measured: 16 rows at 0.5x the
-// rate of 48).
+// multiply-adds, and the loads, not the multiply-adds, bound one vector (measured on one core, weights
+// in L2: 16 rows at 0.6x the rate of 48).
 template <int V>
 constexpr int kRows = V == 1 ? 16 : (V == 2 ? 12 : 8);
 
@@ -149,8 +149,8 @@ void rows_kernel(const float* xt, const float* w, const float* bias, float* y, i
 
 // y [M, N], rows [begin, end) of W, for x [M, K] of at most 16 * kMaxVectors rows. Each thread transposes
 // x itself (into its own buffer, kept between calls): no serial step before the threads start, and the
-// transposed input lies in the core's own cache (SmolLM2's shapes, 48 rows: 1.1-1.25x the rate of
-// transposing once before the threads start).
+// transposed input lies in the core's own cache (48 rows, calls of 768 weight rows: 1.06-1.25x the rate
+// of transposing once before the threads start).
 inline void weight_range(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K, int64_t N,
                          int64_t begin, int64_t end) {
   using Kernel = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
