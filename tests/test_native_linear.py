@@ -1,5 +1,5 @@
 """tpserve::linear (csrc/linear.cpp): the few-row weight-streaming kernels (one pass up to 8 rows;
-with AVX-512 the column kernel up to 48; tile by tile up to 64 rows on 2+ threads, 24 on one) equal
+with AVX-512 the column kernel up to 96; tile by tile up to 64 rows on 2+ threads, 24 on one) equal
 F.linear; tpserve::linear_int8 / int4 (csrc/linear_quantized.cpp) equal F.linear with the dequantized
 weights up to their rounding of the inputs to 16 bits (or 8, input_bits=8: the encoder's), and the
 layers store their groups as those kernels read them; with `rows`, all three compute a bucket's real
@@ -27,7 +27,7 @@ def simd(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 24, 25, 33, 40, 48, 49, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 24, 25, 33, 40, 48, 49, 64, 65, 96, 97])
 @pytest.mark.parametrize("features", [(576, 1536), (577, 33), (7, 5)])  # K multiple of 8, ragged, tiny
 def test_linear_equals_f_linear(rows, features, threads, simd):
     k, n = features
@@ -43,9 +43,9 @@ def test_linear_equals_f_linear(rows, features, threads, simd):
 def test_linear_rows_do_not_depend_on_the_other_rows(simd):
     """A row's result does not depend on the rows computed with it (a generation step's tokens on the
     sequences batched with it, a text's embedding on the texts packed with it): up to 8 rows, and up to 64
-    (2 threads) on the row kernels alone, each row gives exactly what it gives alone; with AVX-512, 9 to 48
-    rows go to the column kernel, which sums in another order, and each row gives exactly what it gives in
-    any other call of 9 to 48 rows."""
+    (2 threads) on the row kernels alone, each row gives exactly what it gives alone; with AVX-512, 9 to 96
+    rows go to the column kernel (in chunks of 48 beyond 48), which sums in another order, and each row
+    gives exactly what it gives in any other call of 9 to 96 rows."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2: tpserve::linear leaves every shape to ATen, which promises no such thing")
     columns = simd == "avx512" and torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -53,15 +53,16 @@ def test_linear_rows_do_not_depend_on_the_other_rows(simd):
     torch.set_num_threads(2)
     try:
         g = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(64, 584, generator=g), torch.randn(203, 584, generator=g), torch.randn(203, generator=g)
+        x, w, b = torch.randn(96, 584, generator=g), torch.randn(203, 584, generator=g), torch.randn(203, generator=g)
         alone = torch.cat([native_ops.linear(x[i:i + 1], w, b) for i in range(64)])
-        for rows in (2, 3, 4, 5, 7, 8, 49, 64) if columns else (2, 3, 4, 5, 7, 8, 9, 13, 24, 40, 64):
+        for rows in (2, 3, 4, 5, 7, 8) if columns else (2, 3, 4, 5, 7, 8, 9, 13, 24, 40, 64):
             assert torch.equal(native_ops.linear(x[:rows], w, b), alone[:rows]), rows
         if columns:
-            many = native_ops.linear(x[:48], w, b)
-            for first, rows in ((0, 9), (0, 13), (0, 16), (0, 17), (0, 33), (5, 20), (30, 18), (16, 32)):
+            many = native_ops.linear(x, w, b)
+            for first, rows in ((0, 9), (0, 13), (0, 16), (0, 17), (0, 33), (5, 20), (30, 18), (16, 32), (0, 48),
+                                (0, 49), (3, 64), (10, 86)):
                 assert torch.equal(native_ops.linear(x[first:first + rows], w, b), many[first:first + rows]), rows
-            assert not torch.equal(many, alone[:48])  # another order of sums: the test would see a mix-up
+            assert not torch.equal(many[:64], alone)  # another order of sums: the test would see a mix-up
     finally:
         torch.set_num_threads(before)
 

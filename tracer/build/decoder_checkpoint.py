@@ -64,7 +64,7 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
 
 
 # Up to how many rows tpserve::linear sums each row as it sums a row alone (csrc/linear.cpp: from 9 rows
-# on, with AVX-512, the column kernel sums in another order, the same for any 9 to 48 rows).
+# on, with AVX-512, the column kernel sums in another order, the same for any 9 to 96 rows).
 SAME_SUMS_AS_ONE_ROW = 8
 
 

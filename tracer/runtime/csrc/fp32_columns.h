@@ -1,11 +1,12 @@
-// tpserve::linear's kernel for 9 to 48 input rows with AVX-512 (a prompt, a batch of short texts): x
+// tpserve::linear's kernel for 9 to 96 input rows with AVX-512 (a prompt, a batch of short texts): x
 // transposed once, so that one 16-lane vector holds one input feature of 16 rows, and each weight
 // broadcast and multiplied with V = ceil(rows / 16) such vectors. The weights are read once, in their
 // own layout, for all the rows at once, and the multiply-adds need no sums across lanes afterwards (the
 // row kernels of fp32_rows.h multiply 8 rows per pass over a tile of weights, each output a sum of 16
 // lanes). Measured here on SmolLM2's 30 layers of linears, 2 threads, weights from memory, against the
-// tiles of row kernels: 12-24 rows 1.05-1.1x, 37 rows 1.27x, 48 rows 1.37x; 64 and 96 rows (4+ vectors:
-// the transposed input no longer stays near the core) no faster, so they stay with the tiles and ATen.
+// tiles of row kernels: 12-24 rows 1.05-1.1x, 37 rows 1.27x, 48 rows 1.37x. One pass takes up to 48 rows
+// (4+ vectors: the transposed input no longer stays near the core, 64 and 96 rows no faster); 49-96 rows
+// go in chunks of 48 over tiles of W (1.08-1.19x the tiles and MKL); 128 rows are no faster than MKL.
 #pragma once
 
 #include <immintrin.h>
@@ -16,7 +17,9 @@
 
 namespace tpserve_fp32_columns {
 
-constexpr int kMaxVectors = 3;  // up to 48 input rows
+constexpr int kMaxVectors = 3;  // up to 48 input rows in one pass over the weights
+constexpr int64_t kMaxRows = 96;  // more: chunks of 48 over tiles of the weights, up to this many rows
+constexpr int64_t kTileBytes = 256 * 1024;
 
 // r[i] lane c <- r[c] lane i: a 16 x 16 block transposed in registers.
 __attribute__((target("avx512f"))) inline void transpose_16x16(__m512 (&r)[16]) {
@@ -147,20 +150,32 @@ void rows_kernel(const float* xt, const float* w, const float* bias, float* y, i
   for (; n < end; ++n) weight_rows<V, 1>(xt, w, bias, y, M, K, N, n, 0);
 }
 
-// y [M, N], rows [begin, end) of W, for x [M, K] of at most 16 * kMaxVectors rows. Each thread transposes
-// x itself (into its own buffer, kept between calls): no serial step before the threads start, and the
+// y [M, N], rows [begin, end) of W, for x [M, K] of at most kMaxRows rows. Each thread transposes x
+// itself (into its own buffer, kept between calls): no serial step before the threads start, and the
 // transposed input lies in the core's own cache (48 rows, calls of 768 weight rows: 1.06-1.25x the rate
-// of transposing once before the threads start).
+// of transposing once before the threads start). More than 48 rows: chunks of 48, each multiplied with
+// a tile of W while the tile is in L2 (W still comes from memory once).
 inline void weight_range(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K, int64_t N,
                          int64_t begin, int64_t end) {
   using Kernel = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                           int64_t);
   static constexpr Kernel kernels[kMaxVectors] = {rows_kernel<1>, rows_kernel<2>, rows_kernel<3>};
+  constexpr int64_t chunk = 16 * kMaxVectors;
   thread_local std::vector<float> xt;
-  const int V = static_cast<int>((M + 15) / 16);
-  xt.resize(K * V * 16);
-  transpose_input(x, M, K, V, xt.data());
-  kernels[V - 1](xt.data(), w, bias, y, M, K, N, begin, end);
+  const int64_t chunks = (M + chunk - 1) / chunk;
+  xt.resize(chunks * K * chunk);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t rows = std::min(chunk, M - c * chunk);
+    transpose_input(x + c * chunk * K, rows, K, static_cast<int>((rows + 15) / 16), xt.data() + c * K * chunk);
+  }
+  const int64_t tile = chunks == 1 ? end - begin : std::max<int64_t>(48, kTileBytes / (K * 4) / 48 * 48);
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t t1 = std::min(end, t0 + tile);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t rows = std::min(chunk, M - c * chunk);
+      kernels[(rows + 15) / 16 - 1](xt.data() + c * K * chunk, w, bias, y + c * chunk * N, rows, K, N, t0, t1);
+    }
+  }
 }
 
 }  // namespace tpserve_fp32_columns

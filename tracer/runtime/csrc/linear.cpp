@@ -7,8 +7,8 @@
 // 2.5x the time of 1 row). This kernel reads each weight row once, multiplies it with all input rows
 // (AVX2 + FMA, fp32 accumulation) and splits the output features over the intra-op threads; short
 // prompts and short texts (up to 64 rows) are done tile by tile, each tile read from memory once, or
-// with AVX-512, up to 48 rows, by the column kernel (fp32_columns.h). Other shapes, dtypes, devices and CPUs without AVX2 go to at::linear, so the op is safe to record in
-// any traced graph.
+// with AVX-512, up to 96 rows, by the column kernel (fp32_columns.h). Other shapes, dtypes, devices and
+// CPUs without AVX2 go to at::linear, so the op is safe to record in any traced graph.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -50,7 +50,7 @@ void stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optio
                      [&](int64_t begin, int64_t end) { kernel(xp, wp, bp, yp, K, N, begin, end, kPrefetchBytes); });
     return;
   }
-  if (tpserve_simd::use_avx512() && M <= 16 * tpserve_fp32_columns::kMaxVectors) {
+  if (tpserve_simd::use_avx512() && M <= tpserve_fp32_columns::kMaxRows) {
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       tpserve_fp32_columns::weight_range(xp, wp, bp, yp, M, K, N, begin, end);
     });
@@ -83,10 +83,10 @@ void stream_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   });
 }
 
-// Up to how many rows this op beats ATen: max_streamed_rows() (simd.h) with the row kernels, 48 with the
+// Up to how many rows this op beats ATen: max_streamed_rows() (simd.h) with the row kernels, 96 with the
 // column kernel on any number of threads (1 thread, SmolLM2's shapes at 37 rows: 1.4x MKL's rate).
 bool few_rows(int64_t rows) {
-  return rows <= max_streamed_rows() || (tpserve_simd::use_avx512() && rows <= 16 * tpserve_fp32_columns::kMaxVectors);
+  return rows <= max_streamed_rows() || (tpserve_simd::use_avx512() && rows <= tpserve_fp32_columns::kMaxRows);
 }
 
 bool few_float_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
