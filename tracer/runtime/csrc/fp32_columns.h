@@ -21,6 +21,10 @@ constexpr int kMaxVectors = 3;  // up to 48 input rows in one pass over the weig
 constexpr int64_t kMaxRows = 96;  // more: chunks of 48 over tiles of the weights, up to this many rows
 constexpr int64_t kTileBytes = 256 * 1024;
 
+// Whether this kernel can take M input rows (tpserve::linear asks both to accept a call and to choose
+// it; rows few enough for the row kernels of fp32_rows.h go to those first).
+inline bool takes(int64_t M, bool avx512) { return avx512 && M <= kMaxRows; }
+
 // r[i] lane c <- r[c] lane i: a 16 x 16 block transposed in registers.
 __attribute__((target("avx512f"))) inline void transpose_16x16(__m512 (&r)[16]) {
   __m512 t[16];
@@ -163,18 +167,16 @@ inline void weight_range(const float* x, const float* w, const float* bias, floa
   constexpr int64_t chunk = 16 * kMaxVectors;
   thread_local std::vector<float> xt;
   const int64_t chunks = (M + chunk - 1) / chunk;
+  const auto rows = [&](int64_t c) { return std::min(chunk, M - c * chunk); };
+  const auto vectors = [&](int64_t c) { return static_cast<int>((rows(c) + 15) / 16); };
   xt.resize(chunks * K * chunk);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t rows = std::min(chunk, M - c * chunk);
-    transpose_input(x + c * chunk * K, rows, K, static_cast<int>((rows + 15) / 16), xt.data() + c * K * chunk);
-  }
-  const int64_t tile = chunks == 1 ? end - begin : std::max<int64_t>(48, kTileBytes / (K * 4) / 48 * 48);
+  for (int64_t c = 0; c < chunks; ++c)
+    transpose_input(x + c * chunk * K, rows(c), K, vectors(c), xt.data() + c * K * chunk);
+  const int64_t tile = chunks == 1 ? end - begin : std::max(chunk, kTileBytes / (K * 4) / chunk * chunk);
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     const int64_t t1 = std::min(end, t0 + tile);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t rows = std::min(chunk, M - c * chunk);
-      kernels[(rows + 15) / 16 - 1](xt.data() + c * K * chunk, w, bias, y + c * chunk * N, rows, K, N, t0, t1);
-    }
+    for (int64_t c = 0; c < chunks; ++c)
+      kernels[vectors(c) - 1](xt.data() + c * K * chunk, w, bias, y + c * chunk * N, rows(c), K, N, t0, t1);
   }
 }
 

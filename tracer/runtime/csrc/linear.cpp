@@ -52,7 +52,7 @@ void stream_rows(const at::Tensor& x, int64_t M, const at::Tensor& weight, const
                      [&](int64_t begin, int64_t end) { kernel(xp, wp, bp, yp, K, N, begin, end, kPrefetchBytes); });
     return;
   }
-  if (tpserve_simd::use_avx512() && M <= tpserve_fp32_columns::kMaxRows) {
+  if (tpserve_fp32_columns::takes(M, tpserve_simd::use_avx512())) {
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       tpserve_fp32_columns::weight_range(xp, wp, bp, yp, M, K, N, begin, end);
     });
@@ -88,7 +88,7 @@ void stream_rows(const at::Tensor& x, int64_t M, const at::Tensor& weight, const
 // Up to how many rows this op beats ATen: max_streamed_rows() (simd.h) with the row kernels, 96 with the
 // column kernel on any number of threads (1 thread, SmolLM2's shapes at 37 rows: 1.4x MKL's rate).
 bool few_rows(int64_t rows) {
-  return rows <= max_streamed_rows() || (tpserve_simd::use_avx512() && rows <= tpserve_fp32_columns::kMaxRows);
+  return rows <= max_streamed_rows() || tpserve_fp32_columns::takes(rows, tpserve_simd::use_avx512());
 }
 
 // x's first `rows` rows (rows >= 1) go to stream_rows.
