@@ -66,9 +66,13 @@ def _read(path: Path) -> str:
 
 
 def _worker_failure(log_dir: Path) -> str | None:
-    """The last error line once a model's worker has failed to start 3 times (TorchServe would
-    retry forever), else None."""
+    """Why the model's worker cannot start: at once when its handler refused the artifacts (damaged or
+    foreign: no retry can fix that, and TorchServe's retries took ~15 s to say so), else once it has
+    failed to start 3 times (TorchServe would retry forever); None while neither."""
     model_log, ts_log = _read(log_dir / "model_log.log"), _read(log_dir / "ts_log.log")
+    refusals = [line.split(" - ", 1)[-1] for line in model_log.splitlines() if "tpserve: refusing to load" in line]
+    if refusals:
+        return refusals[0]
     if model_log.count("Backend worker process died") < 3 and ts_log.count("Retry worker") < 3:
         return None
     errors = [line.split(" - ", 1)[-1] for line in (model_log + ts_log).splitlines()
@@ -113,7 +117,7 @@ def _wait_until_up(process: subprocess.Popen, management: str, log_dir: Path, ti
         if models_ready(management) if wait_for_models else _get(f"{management}/models")[0] == 200:
             return
         if failure := _worker_failure(log_dir):
-            raise RuntimeError(f"the model's worker keeps dying: {failure}")
+            raise RuntimeError(f"the model's worker cannot start: {failure}")
         time.sleep(0.5)
     raise TimeoutError(f"models not READY after {timeout_s:.0f}s; see {log_dir}/model_log.log")
 
