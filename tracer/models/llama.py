@@ -242,8 +242,12 @@ class Decoder(nn.Module):
         self.model.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = ColumnParallelLinear(c.hidden_size, c.vocab_size, bias=False, gather_output=True)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.attention_scaling = attention_scaling
+        # rope's cos and sin for every position, computed as the forward computed them per call (the same
+        # elementwise ops: the same bits); a step looks up its rows instead of running ~10 small ops
+        freqs = torch.arange(c.max_context).unsqueeze(-1).float() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", angles.cos() * attention_scaling, persistent=False)
+        self.register_buffer("rope_sin", angles.sin() * attention_scaling, persistent=False)
         self.context = 0  # set_context, per traced graph
 
     def set_context(self, context: int) -> None:
@@ -257,10 +261,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, positions, slots, last):
         x = self.model.embed_tokens(input_ids)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.attention_scaling).unsqueeze(2)  # [b, L, 1, head_dim]
-        sin = (angles.sin() * self.attention_scaling).unsqueeze(2)
+        cos = F.embedding(positions, self.rope_cos).unsqueeze(2)  # [b, L, 1, head_dim]
+        sin = F.embedding(positions, self.rope_sin).unsqueeze(2)
         # causal by position, once for every layer: row i's token at p attends cache positions <= p
         # (not needed where the layers attend through tpserve::cached_attention)
         mask = None
@@ -273,7 +275,13 @@ class Decoder(nn.Module):
         rows = last + 1 if b == 1 and length > 1 else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, slots, mask, rows)
-        x = x[torch.arange(x.shape[0]), last]  # only the rows' last real tokens reach the LM head
+        # only the rows' last real tokens reach the LM head
+        if length == 1:  # a step: each row's one token
+            x = x[:, 0]
+        elif b == 1:  # a prompt
+            x = x[0].index_select(0, last)
+        else:
+            x = x[torch.arange(b), last]
         return (self.lm_head(self.model.norm(x)), *self.caches())
 
 
