@@ -212,19 +212,37 @@ def broken_dir(tmp_path):
     (["trace", "--tp-degree", "1", "--model", "GGUF", "--output", "OUT"], "not a readable GGUF file"),
     ([], "required: {trace,archive,build} (see `python -m tracer --help`)"),
 ])
-def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_path, gpt2_dir, broken_dir):
+def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_path, gpt2_dir, broken_dir, capsys):
+    """The CLI's entry point in this process (a subprocess per case spent ~2 s importing torch; the
+    real command line is the next test's)."""
+    from tracer.__main__ import main
+
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really")
     names = {"OUT": tmp_path / "out", "GPT2": gpt2_dir, "BROKEN": broken_dir, "FILE": tmp_path / "file",
              "GGUF": tmp_path / "bad.gguf"}
     args = [str(names.get(a.split("/")[0], a)) + ("/sub" if a.endswith("/sub") else "") for a in args]
     started = time.monotonic()
-    result = _cli(*args, check=False)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "[tpserve] rank" not in result.stderr and not (tmp_path / "out").exists()  # nothing traced or written
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert "[tpserve] rank" not in stderr and not (tmp_path / "out").exists()  # nothing traced or written
     assert time.monotonic() - started < 20  # checks only (a trace would take longer)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trace", "--tp-degree", "2", "--batch-size", "0", "--output", "OUT"], "--batch-size must be >= 1"),
+    ([], "required: {trace,archive,build}"),
+])
+def test_misuse_on_the_command_line_is_one_line_and_exit_2(args, message, tmp_path):
+    result = _cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args], check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: ") and message in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_failure_of_the_work_is_one_line_and_exit_1(tmp_path):
