@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -74,15 +75,18 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
                       (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) && tpserve_simd::cpu_has_avx2_fma() &&
                       __builtin_cpu_supports("f16c");
   if (!stream && !rows) return at::linear(x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
-  const tpserve_simd::RealRows real = tpserve_simd::real_rows(x, N, M);
-  if (M == 0) return real.y;
   if (!stream) {
+    const tpserve_simd::RealRows real = tpserve_simd::real_rows(x, N, M);
     at::Tensor out = real.out;
-    at::linear_out(out, real.x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
+    if (M > 0) at::linear_out(out, real.x, dequantize(qweight, scale, minimum, Bits).to(x.scalar_type()), bias);
     return real.y;
   }
-  const at::Tensor& y = real.y;
-  const at::Tensor xc = real.x.contiguous();
+  // the real rows read in place, the padding rows' outputs zeroed (as tpserve::linear: no views per call)
+  const at::Tensor y = tpserve_simd::empty_output(x, N);
+  const int64_t all = x.numel() / std::max<int64_t>(1, K);
+  if (M < all) std::memset(y.data_ptr<float>() + M * N, 0, (all - M) * N * sizeof(float));
+  if (M == 0) return y;
+  const at::Tensor xc = x.contiguous();
   const float* in = xc.data_ptr<float>();
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const uint16_t* dw = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
@@ -97,7 +101,12 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
                      [&](int64_t begin, int64_t end) { work(begin * kBlockRows, std::min(N, end * kBlockRows)); });
   };
   const bool wide = tpserve_blocks::use_vnni();
-  tpserve_blocks::Inputs inputs = tpserve_blocks::make_inputs(M, K, input_bits / 8);
+  // the calling thread's buffer for the quantized inputs, kept between calls (4 allocations a call
+  // otherwise); named through a reference, which the threads' lambdas capture (a thread_local named
+  // inside them would be each thread's own)
+  static thread_local tpserve_blocks::Inputs kept;
+  tpserve_blocks::Inputs& inputs = kept;
+  tpserve_blocks::fit_inputs(inputs, M, K, input_bits / 8);
   at::parallel_for(0, M * (K / kGroup), 2048, [&](int64_t begin, int64_t end) {
     tpserve_blocks::quantize_inputs(in, inputs, begin, end, wide);
   });

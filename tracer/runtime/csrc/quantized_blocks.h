@@ -44,10 +44,13 @@ struct Inputs {
   std::vector<float> step, sum;
 };
 
-inline Inputs make_inputs(int64_t M, int64_t K, int bytes) {
+// `in` resized for M rows of K inputs (quantize_inputs then writes every value used): a kept buffer.
+inline void fit_inputs(Inputs& in, int64_t M, int64_t K, int bytes) {
   const int64_t G = K / kGroup;
-  return Inputs{std::vector<int8_t>(M * K), std::vector<int8_t>(bytes == 2 ? M * K : 0), std::vector<float>(M * G),
-                std::vector<float>(M * G)};
+  in.q1.resize(M * K);
+  in.q2.resize(bytes == 2 ? M * K : 0);
+  in.step.resize(M * G);
+  in.sum.resize(M * G);
 }
 
 inline void quantize_group_scalar(const float* x, int8_t* q1, int8_t* q2, float* step, float* sum) {
