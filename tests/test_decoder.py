@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from tracer.build.decoder_checkpoint import trace_decoder
 from tracer.engine.generator import Generator, SamplingParams
-from tracer.errors import GenerationRequestError
+from tracer.errors import GenerationRequestError, InputSignatureError
 from tracer.runtime import native_ops
 
 PROMPTS = [[5, 17, 33, 2, 9], [7] * 13, [100, 3], [42]]  # the last one: a one-token prompt
@@ -178,6 +178,31 @@ def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(r
         generator.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
         written = (layer[0].cache_k != before).any(dim=(1, 3))  # [slot, position]
         assert written[0, :7].all() and not written[1].any()  # slot 0: 5 prompt + 2 generated; slot 1 untouched
+    finally:
+        generator.close()
+
+
+def test_the_generator_picks_the_buckets_the_saved_kernel_picks(random_llama, tmp_path):
+    """Steps and prompts run their bucket directly (TensorParallelModel.run_bucket, without the scripted
+    kernel's call): the kernel's own choice and padding; a wrong shape is a named error."""
+    directory, _ = random_llama
+    generator = Generator(_trace(directory, tmp_path, 1, max_context=256))
+    try:
+        model, buckets = generator.model, generator.buckets
+        assert generator.context_buckets == [128, 256]
+        for rows in generator.rows:
+            for needed in (1, 100, 128, 129, 256):
+                step = [torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), needed - 1), torch.arange(rows),
+                        torch.zeros(rows, dtype=torch.long)]
+                assert buckets.generation_bucket(rows, needed) == model.select_bucket(step)[1]
+        for length in (2, 16, 17, 64):
+            prompt = [torch.ones(1, length, dtype=torch.long), torch.arange(length).unsqueeze(0), torch.tensor([0]),
+                      torch.tensor([length - 1])]
+            padded, index = model.select_bucket(prompt)
+            assert buckets.prefill_bucket(length) == index
+            assert torch.equal(padded[1], torch.arange(generator.prefill_buckets[index]).unsqueeze(0))  # _prefill too
+        with pytest.raises(InputSignatureError, match="bucket 0 takes"):
+            model.run_bucket(0, [torch.zeros(1, 3, dtype=torch.long)] * 4)
     finally:
         generator.close()
 

@@ -178,20 +178,29 @@ class DecoderBucketKernel(nn.Module):
         ids, positions = inputs[0], inputs[1]
         length = ids.size(1)
         if length == 1:
-            if ids.size(0) not in self.rows:
-                raise ValueError(f"a generation step has {ids.size(0)} rows; the graphs have {self.rows}")
-            first = len(self.prefill) + self.rows.index(ids.size(0)) * len(self.contexts)
-            needed = int(positions.max()) + 1
-            for index, context in enumerate(self.contexts):
-                if needed <= context:
-                    return inputs, torch.tensor([first + index])
-            raise ValueError(f"position {needed - 1} is past the largest context bucket {self.contexts[-1]}")
+            return inputs, torch.tensor([self.generation_bucket(ids.size(0), int(positions.max()) + 1)])
+        index = self.prefill_bucket(length)
+        pad = self.prefill[index] - length
+        more = positions[:, -1:] + torch.ones_like(positions[:, :1]).expand(-1, pad).cumsum(1)
+        return [torch.nn.functional.pad(ids, [0, pad]), torch.cat([positions, more], 1),
+                inputs[2], inputs[3]], torch.tensor([index])
+
+    def generation_bucket(self, rows: int, needed: int) -> int:
+        """The bucket of a step of `rows` rows whose cache positions reach `needed` (also called
+        eagerly: tracer.engine.generator picks its buckets without a call of the scripted kernel)."""
+        if rows not in self.rows:
+            raise ValueError(f"a generation step has {rows} rows; the graphs have {self.rows}")
+        first = len(self.prefill) + self.rows.index(rows) * len(self.contexts)
+        for index, context in enumerate(self.contexts):
+            if needed <= context:
+                return first + index
+        raise ValueError(f"position {needed - 1} is past the largest context bucket {self.contexts[-1]}")
+
+    def prefill_bucket(self, length: int) -> int:
+        """The bucket of a prompt of `length` tokens (padded on the right to the bucket's length)."""
         for index, bucket in enumerate(self.prefill):
             if length <= bucket:
-                pad = bucket - length
-                more = positions[:, -1:] + torch.ones_like(positions[:, :1]).expand(-1, pad).cumsum(1)
-                return [torch.nn.functional.pad(ids, [0, pad]), torch.cat([positions, more], 1),
-                        inputs[2], inputs[3]], torch.tensor([index])
+                return index
         raise ValueError(f"{length} tokens exceed the largest prefill bucket {self.prefill[-1]}")
 
 

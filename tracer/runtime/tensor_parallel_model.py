@@ -74,6 +74,21 @@ class TensorParallelModel(torch.nn.Module):
             padded, bucket = self.select_bucket(list(inputs))
             return self._executor.run_bucket(bucket, padded)
 
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+        """Run bucket `bucket` on inputs already in its shapes, without the bucket kernel (a caller
+        that picks and pads for itself: tracer.engine.generator saves the scripted kernel's ~0.15 ms
+        a generation step). InputSignatureError where a shape or dtype differs from the bucket's."""
+        expected = self.buckets[bucket]["inputs"]
+        if len(inputs) != len(expected) or any(
+                tuple(x.shape) != tuple(spec["shape"]) or str(x.dtype)[6:] != spec["dtype"]
+                for x, spec in zip(inputs, expected, strict=True)):
+            raise InputSignatureError(f"bucket {bucket} takes {[(s['dtype'], s['shape']) for s in expected]}, got "
+                                      f"{[(str(x.dtype)[6:], list(x.shape)) for x in inputs]}")
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError("this TensorParallelModel is closed")
+            return self._executor.run_bucket(bucket, list(inputs))
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
