@@ -15,8 +15,6 @@
 
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "fp32_columns.h"
 #include "fp32_rows.h"
 #include "simd.h"
@@ -108,11 +106,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   if (used > 0 && few_float_rows(x, used, weight, bias)) {
     // the real rows read in place and the padding rows' outputs zeroed, with no tensor ops for either (a
     // prompt's rows through real_rows' views cost 8 us more per call: ~1 ms of a SmolLM2 prompt)
-    const int64_t N = weight.size(0);
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = tpserve_simd::empty_output(x, N);
-    stream_rows(xc, used, weight, bias, y.data_ptr<float>());
-    if (used < all) std::memset(y.data_ptr<float>() + used * N, 0, (all - used) * N * sizeof(float));
+    at::Tensor y = tpserve_simd::output_with_zero_padding(x, weight.size(0), used);
+    stream_rows(x.contiguous(), used, weight, bias, y.data_ptr<float>());
     return y;
   }
   if (used == all) return at::linear(x, weight, bias);

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -82,9 +81,7 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& qweight, const a
     return real.y;
   }
   // the real rows read in place, the padding rows' outputs zeroed (as tpserve::linear: no views per call)
-  const at::Tensor y = tpserve_simd::empty_output(x, N);
-  const int64_t all = x.numel() / std::max<int64_t>(1, K);
-  if (M < all) std::memset(y.data_ptr<float>() + M * N, 0, (all - M) * N * sizeof(float));
+  const at::Tensor y = tpserve_simd::output_with_zero_padding(x, N, M);
   if (M == 0) return y;
   const at::Tensor xc = x.contiguous();
   const float* in = xc.data_ptr<float>();

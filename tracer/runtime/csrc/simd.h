@@ -56,6 +56,15 @@ inline at::Tensor empty_output(const at::Tensor& x, int64_t N) {
   return at::empty(shape, x.options());
 }
 
+// The fp32 output of a linear of x with N output features whose first `used` rows are real, the padding
+// rows' outputs zeroed with one memset (the kernels then write the real rows in place: no views per call).
+inline at::Tensor output_with_zero_padding(const at::Tensor& x, int64_t N, int64_t used) {
+  at::Tensor y = empty_output(x, N);
+  const int64_t all = x.numel() / std::max<int64_t>(1, x.size(-1));
+  if (used < all) std::memset(y.data_ptr<float>() + used * N, 0, (all - used) * N * sizeof(float));
+  return y;
+}
+
 // A linear of x with N output features whose first `used` rows are real: the output y with its
 // padding rows zeroed, and the real rows of x and of y, flattened to [used, K] and [used, N].
 struct RealRows {
