@@ -14,6 +14,11 @@ from ..errors import BucketSelectionError, InputSignatureError, ModelClosedError
 from .executor import load_executor
 
 
+def _dtype(x: torch.Tensor) -> str:
+    """x's dtype as the manifest's bucket signatures name it ("int64", "float32", ...)."""
+    return str(x.dtype).removeprefix("torch.")
+
+
 class TensorParallelModel(torch.nn.Module):
     """Runs all ranks for each call and returns rank 0's output. Safe under concurrent callers
     (calls are serialised: the ranks already use every core). close() or `with` releases the ranks.
@@ -61,10 +66,10 @@ class TensorParallelModel(torch.nn.Module):
         for i, (x, spec) in enumerate(zip(inputs, expected, strict=True)):
             if not isinstance(x, torch.Tensor):
                 raise InputSignatureError(f"input {i}: expected a tensor, got {type(x).__name__}")
-            if str(x.dtype).removeprefix("torch.") != spec["dtype"] or x.dim() != len(spec["shape"]):
+            if _dtype(x) != spec["dtype"] or x.dim() != len(spec["shape"]):
                 raise InputSignatureError(
                     f"input {i}: expected {spec['dtype']} with {len(spec['shape'])} dims, "
-                    f"got {str(x.dtype).removeprefix('torch.')} with {x.dim()} dims")
+                    f"got {_dtype(x)} with {x.dim()} dims")
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         self._check_inputs(inputs)
@@ -80,10 +85,10 @@ class TensorParallelModel(torch.nn.Module):
         a generation step). InputSignatureError where a shape or dtype differs from the bucket's."""
         expected = self.buckets[bucket]["inputs"]
         if len(inputs) != len(expected) or any(
-                tuple(x.shape) != tuple(spec["shape"]) or str(x.dtype)[6:] != spec["dtype"]
+                tuple(x.shape) != tuple(spec["shape"]) or _dtype(x) != spec["dtype"]
                 for x, spec in zip(inputs, expected, strict=True)):
             raise InputSignatureError(f"bucket {bucket} takes {[(s['dtype'], s['shape']) for s in expected]}, got "
-                                      f"{[(str(x.dtype)[6:], list(x.shape)) for x in inputs]}")
+                                      f"{[(_dtype(x), list(x.shape)) for x in inputs]}")
         with self._lock:
             if self._closed:
                 raise ModelClosedError("this TensorParallelModel is closed")
