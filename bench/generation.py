@@ -191,14 +191,15 @@ def print_kv_cache(rows: list[list[str]], story: list[int]) -> None:
                  f"positions {LONG_PROMPT}–{LONG_PROMPT + NEW_TOKENS} (bucket 1024)"], rows))
 
 
+FRESH_PAIRS, WARM_PAIRS = 12, 30  # counted pairs of first tokens (served, in-process) on a fresh and a warm server
 FRONTEND_WARM_UP = 3000  # cheap requests before the warm measurement (TorchServe's JVM compiles its hot paths)
 SERVED_PARTS = ["before handler", "parse", "model", "answer", "handler's rest", "after handler"]
 
 
 def served_first_token_ms(workdir: Path) -> dict:
-    """Served and in-process first-token ms at tp 1, medians of short blocks of requests to the server
-    and to an in-process Generator on the same shards in turn (one long pass each drifts with the VM),
-    on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
+    """Served and in-process first-token ms at tp 1: requests to the server and to an in-process
+    Generator on the same shards in turn, the median of each pair's difference (one long pass each
+    drifts with the VM), on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
     round trip, HTTP to the worker and back, whose Java code runs slower until the JVM has compiled
     it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The in-process side
     includes the chat template, as the server does. Where the served time goes (warm): the worker's
@@ -235,47 +236,58 @@ def served_first_token_ms(workdir: Path) -> dict:
         sent[request_id] = (start, received)
         return received - start
 
-    def in_blocks() -> tuple[float, float, dict[str, float], list[str]]:
-        """Blocks of requests to each side in turn, the first 2 of each block not counted: the server's
-        worker and this Generator hold a copy of the weights each, and a machine whose last-level
-        cache holds most of one copy (480 MB on one machine here) runs whichever copy it has just
-        read faster (one at a time: 68-73 ms; alternating request by request: ~120 ms for both).
-        Returns the two medians, the in-process parse and model medians, and the served requests' ids."""
+    def in_pairs(pairs: int) -> tuple[float, float, float, dict[str, float], list[str]]:
+        """A request to the server and one to the in-process Generator in turn (which goes first
+        alternates), the first 2 pairs not counted: each pair's difference sees the same minute of
+        this VM, whose speed drifts by ±10 ms of a first token between blocks of requests. (Measured:
+        two in-process copies of the fp32 weights, 55.6 / 56.9 ms alternating request by request,
+        57.9 / 57.2 in blocks of 5: the copies do not slow each other down.) Returns the two medians,
+        the median of the pairs' differences, the in-process parse and model medians, and the served
+        requests' ids."""
         body = json.dumps({"messages": QUESTION, "max_new_tokens": 1, "stream": True})
         served, local, ids, local_parts = [], [], [], {"parse": [], "model": []}
-        for _ in range(4):
-            for side in ("served", "local"):
-                for i in range(5):
-                    time.sleep(0.1)
-                    if side == "served":
-                        elapsed = timed(body, first_line=True)
-                        if i >= 2:
-                            served.append(elapsed)
-                            ids.append(f"bench-{len(sent) - 1}")
-                        continue
-                    start = time.perf_counter()
-                    prompt = generator.encode(messages=QUESTION)
-                    parsed = time.perf_counter()
-                    generator.generate([prompt], SamplingParams(max_new_tokens=1))
-                    if i >= 2:
-                        local.append(time.perf_counter() - start)
-                        local_parts["parse"].append(parsed - start)
-                        local_parts["model"].append(time.perf_counter() - parsed)
+        for i in range(pairs + 2):
+            pair = {}
+            for side in (("served", "local") if i % 2 == 0 else ("local", "served")):
+                time.sleep(0.1)
+                if side == "served":
+                    pair["served"] = timed(body, first_line=True)
+                    request_id = f"bench-{len(sent) - 1}"
+                    continue
+                start = time.perf_counter()
+                prompt = generator.encode(messages=QUESTION)
+                parsed = time.perf_counter()
+                generator.generate([prompt], SamplingParams(max_new_tokens=1))
+                pair["local"] = time.perf_counter() - start
+                pair["parse"], pair["model"] = parsed - start, time.perf_counter() - parsed
+            if i >= 2:
+                served.append(pair["served"])
+                local.append(pair["local"])
+                ids.append(request_id)
+                local_parts["parse"].append(pair["parse"])
+                local_parts["model"].append(pair["model"])
+        differences = [a - b for a, b in zip(served, local, strict=True)]
         return (statistics.median(served) * 1000, statistics.median(local) * 1000,
+                statistics.median(differences) * 1000,
                 {k: statistics.median(v) * 1000 for k, v in local_parts.items()}, ids)
 
     try:
-        fresh = in_blocks()
-        result = {"served fresh": fresh[0], "in-process fresh": fresh[1]}
+        fresh = in_pairs(FRESH_PAIRS)
+        result = {"served fresh": fresh[0], "in-process fresh": fresh[1], "difference fresh": fresh[2]}
         round_trips = [timed("{", first_line=False) for _ in range(FRONTEND_WARM_UP)]
         result["round trip"] = statistics.median(round_trips[-100:]) * 1000
         time.sleep(10)  # the JVM's compiler threads finish (they took one of the 2 cores from both sides)
-        result["served"], result["in-process"], result["local parts"], ids = in_blocks()
+        result["served"], result["in-process"], result["difference"], result["local parts"], ids = in_pairs(WARM_PAIRS)
         after_model = []  # the same round trip when a first token has just streamed the weights through the caches
         for _ in range(20):
             generator.generate([generator.encode(messages=QUESTION)], SamplingParams(max_new_tokens=1))
             after_model.append(timed("{", first_line=False))
         result["round trip after model"] = statistics.median(after_model) * 1000
+        after_pause = []  # and after 0.1 s of nothing: TorchServe's threads wake from sleep (no model ran)
+        for _ in range(20):
+            time.sleep(0.1)
+            after_pause.append(timed("{", first_line=False))
+        result["round trip after pause"] = statistics.median(after_pause) * 1000
         connection.close()
         result["parts"] = served_parts(ids, sent, timings)
         return result
@@ -303,12 +315,12 @@ def served_parts(ids: list[str], sent: dict[str, tuple[float, float]], timings: 
 
 
 def print_served(served: dict) -> None:
-    print(f"served − in-process first token (tp=1, blocks of requests to each side in turn, chat template on both "
-          f"sides): "
-          f"{served['served'] - served['in-process']:.1f} ms ({served['served']:.0f} vs {served['in-process']:.0f} ms) "
-          f"after {FRONTEND_WARM_UP} requests (TorchServe's round trip for a malformed request, warm: "
-          f"{served['round trip']:.1f} ms); on the fresh server: "
-          f"{served['served fresh'] - served['in-process fresh']:.1f} ms ({served['served fresh']:.0f} vs "
+    print(f"served − in-process first token (tp=1, a request to each side in turn, the median of {WARM_PAIRS} "
+          f"pairs' differences, chat template on both sides): {served['difference']:.1f} ms (medians "
+          f"{served['served']:.0f} vs {served['in-process']:.0f} ms) after {FRONTEND_WARM_UP} requests "
+          f"(TorchServe's round trip for a malformed request, warm, back to back: {served['round trip']:.1f} ms; "
+          f"after 0.1 s idle: {served['round trip after pause']:.1f} ms); on the fresh "
+          f"server ({FRESH_PAIRS} pairs): {served['difference fresh']:.1f} ms ({served['served fresh']:.0f} vs "
           f"{served['in-process fresh']:.0f} ms)")
     parts, local = served["parts"], served["local parts"]
     print(f"where the first token's time goes, warm (medians, ms; parse: the chat template and tokenizing); "

@@ -98,6 +98,42 @@ def test_a_batch_of_more_than_8_rows_runs_lone_rows_in_the_full_graph(random_lla
         generator.close()
 
 
+def test_rank_processes_generate_what_rank_threads_do_and_keep_their_caches(random_llama, tmp_path):
+    """executor="processes" (gloo here, NCCL on CUDA): each rank process keeps its KV cache between
+    calls; a step sends back the logits, not the caches (run_bucket's states come back as None)."""
+    directory, hf = random_llama
+    shards = _trace(directory, tmp_path, 2)
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, seed=7)
+    threads = Generator(shards)
+    try:
+        on_threads = [c.token_ids for c in threads.generate(PROMPTS[:2], sampled)]
+    finally:
+        threads.close()
+    generator = Generator(shards, executor="processes")
+    try:
+        assert "RankProcesses" in repr(generator.model)
+        greedy = generator.generate(PROMPTS, SamplingParams(max_new_tokens=16))
+        assert [c.token_ids for c in greedy] == [_hf_greedy(hf, p, 16) for p in PROMPTS]
+        assert [c.token_ids for c in generator.generate(PROMPTS[:2], sampled)] == on_threads
+        step = [torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 5), torch.tensor([generator.scratch]),
+                torch.zeros(1, dtype=torch.long)]
+        logits, *states = generator.model.run_bucket(generator.buckets.generation_bucket(1, 6), step)
+        assert logits.shape == (1, 256) and states and all(s is None for s in states)
+    finally:
+        generator.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_random_llama_on_cuda_equals_hf_generate(random_llama, tmp_path):
+    directory, hf = random_llama
+    generator = Generator(_trace(directory, tmp_path, 1), executor="processes", device="cuda")
+    try:
+        got = generator.generate(PROMPTS, SamplingParams(max_new_tokens=64))
+        assert [c.token_ids for c in got] == [_hf_greedy(hf, p, 64) for p in PROMPTS]
+    finally:
+        generator.close()
+
+
 def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path):
     """Prompts up to 512 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)."""
     directory, hf = random_llama

@@ -94,6 +94,21 @@ def test_cuda_refuses_more_ranks_than_gpus(saved):
         tracer.parallel_model_load(saved, executor="processes", device="cuda")
 
 
+def test_tensors_cross_to_rank_processes_by_value():
+    """Inputs and outputs go through the pipes as bytes (a pickled tensor would take a new
+    shared-memory segment each call); every dtype, shape and layout comes back equal."""
+    import pickle
+
+    from tracer.runtime.rank_processes import _from_wire, _to_wire
+
+    values = (torch.randn(3, 4).t(), [torch.tensor(5), torch.ones(2, dtype=torch.bfloat16)], None,
+              torch.tensor([True, False]), torch.arange(6).view(2, 3)[:, 1:], torch.empty(0, 4))
+    back = _from_wire(pickle.loads(pickle.dumps(_to_wire(values))))
+    assert back[2] is None and isinstance(back[1], list)
+    for got, sent in zip([back[0], *back[1], *back[3:]], [values[0], *values[1], *values[3:]], strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and torch.equal(got, sent)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_cuda_tp1_parity_on_cuda0(tmp_path):
     ids = torch.randint(0, 101, (2, 12))

@@ -70,10 +70,12 @@ class _Row:
 
 class Generator:
     def __init__(self, model_dir, tp_degree: int | None = None, executor: str = "threads",
-                 threads_per_rank: int | None = None) -> None:
+                 threads_per_rank: int | None = None, device: str = "cpu") -> None:
+        """executor and device as parallel_model_load's (device="cuda": executor "processes" or
+        "torchrun"); the KV caches stay with the ranks."""
         model_dir = Path(model_dir)
         self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor,
-                                         threads_per_rank=threads_per_rank)
+                                         threads_per_rank=threads_per_rank, device=device)
         info = self.model.manifest.model or {}
         if info.get("kind") != "generation":
             self.model.close()
@@ -104,12 +106,14 @@ class Generator:
         scratch = torch.full((self.max_batch,), self.scratch, dtype=torch.long)
         for _ in range(2):
             for n in (b for b in self.prefill_buckets if b <= WARM_UP_PROMPTS_UP_TO):
-                self.model(torch.zeros(1, n, dtype=torch.long), torch.arange(n).unsqueeze(0), scratch[:1],
-                           torch.tensor([n - 1]))
+                self.model.run_bucket(self.buckets.prefill_bucket(n), [
+                    torch.zeros(1, n, dtype=torch.long), torch.arange(n).unsqueeze(0), scratch[:1],
+                    torch.tensor([n - 1])])
             for b in self.rows:
                 for context in self.context_buckets:
-                    self.model(torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), context - 1), scratch[:b],
-                               torch.zeros(b, dtype=torch.long))
+                    self.model.run_bucket(self.buckets.generation_bucket(b, context), [
+                        torch.zeros(b, 1, dtype=torch.long), torch.full((b, 1), context - 1), scratch[:b],
+                        torch.zeros(b, dtype=torch.long)])
 
     # ---- text in, tokens out -------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -222,9 +226,9 @@ class Generator:
     @staticmethod
     def _sample(logits: torch.Tensor, row: _Row) -> int:
         p = row.params
-        logits = logits.float()
         if p.temperature == 0:
             return _argmax(logits)
+        logits = logits.float().cpu()  # the row's seeded generator is a CPU one
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]

@@ -21,8 +21,9 @@ EXECUTORS = ("threads", "processes", "torchrun")
 class Executor(Protocol):
     tp_degree: int
 
-    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
-        """Run every rank's graph of `bucket` on `inputs`; rank 0's output (torchrun: this rank's)."""
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
+        """Run every rank's graph of `bucket` on `inputs`; rank 0's output (torchrun: this rank's),
+        with None for the outputs that are states unless keep_states."""
 
     def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
         """The graphs of a rank held in this process (for inspection); RankNotLocalError otherwise."""

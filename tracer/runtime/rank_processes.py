@@ -21,8 +21,9 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..artifacts import Manifest
@@ -63,22 +64,43 @@ def _rank_main(conn, parent_pid: int, rank: int, tp_degree: int, port: int, load
         conn.send(("error", last_line(exc)))
         return
     while (request := conn.recv()) is not None:
-        bucket, inputs = request
+        bucket, inputs, keep_states = request
         try:
             with torch.inference_mode():
-                output = shard.run(bucket, [x.to(rank_device) for x in inputs])
+                output = shard.run(bucket, [x.to(rank_device) for x in _from_wire(inputs)], keep_states)
                 if device == "cuda":
                     torch.cuda.synchronize()
-            conn.send(("ok", _to_cpu(output) if rank == 0 else None))
+            conn.send(("ok", _to_wire(output) if rank == 0 else None))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             conn.send(("error", last_line(exc)))
     dist.destroy_process_group()
 
 
-def _to_cpu(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.cpu()
-    return type(output)(_to_cpu(o) for o in output)
+class _Wire(NamedTuple):
+    """A tensor sent by value through a pipe. A pickled tensor goes through a new shared-memory
+    segment (torch.multiprocessing): measured here, 0.82 ms for a round trip of SmolLM2's logits
+    against 0.21 as bytes, and a generation step sends 4 inputs to each rank."""
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # the bytes
+
+
+def _to_wire(value: Any) -> Any:
+    """Tensors (CPU or GPU), and lists / tuples of them or None, as _Wire values."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        return _Wire(str(t.dtype).removeprefix("torch."), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy())
+    return type(value)(_to_wire(v) for v in value)
+
+
+def _from_wire(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, _Wire):
+        return torch.from_numpy(value.data).view(getattr(torch, value.dtype)).reshape(value.shape)
+    return type(value)(_from_wire(v) for v in value)
 
 
 class RankProcesses:
@@ -158,15 +180,15 @@ class RankProcesses:
             raise self._broken
         return [value for _, (_, value) in sorted(replies.items())]
 
-    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
         if self._broken is not None:
             raise type(self._broken)(f"{self._broken} (earlier; load the model again)")
         for conn in self._conns:
             try:
-                conn.send((bucket, inputs))
+                conn.send((bucket, _to_wire(inputs), keep_states))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # its death is reported by _collect
-        return self._collect(self.timeout_s + 10, what="call")[0]
+        return _from_wire(self._collect(self.timeout_s + 10, what="call")[0])
 
     def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
         raise RankNotLocalError(f"rank {rank} runs in process {self._processes[rank].pid}, not in this one")

@@ -56,9 +56,14 @@ class RankShard:
             graph.eval()
         self.states = [(get_tensor(self.graphs[0], name), index) for name, index in manifest.aliases.items()]
 
-    def run(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+    def run(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
+        """The graph's outputs; with keep_states=False the outputs that are states are None (they stay
+        here: a rank process then sends back the logits, not every KV cache, each call)."""
         output = self.graphs[bucket](*inputs)
         for state, index in self.states:  # input->output aliases: keep the update for the next call
             if output[index] is not state:  # the graph returned a new tensor rather than updating it in
                 state.copy_(output[index])  # place (a KV cache is updated in place: 60 checks a step)
-        return output
+        if keep_states or not self.states:
+            return output
+        states = {index for _, index in self.states}
+        return tuple(None if i in states else x for i, x in enumerate(output))

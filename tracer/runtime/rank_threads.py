@@ -82,8 +82,8 @@ class RankThreads:
             raise RankExecutionError(f"rank {rank} failed: {message}") from dict(failures)[rank]
         return [outcomes[rank][1] for rank in range(self.tp_degree)]
 
-    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
-        return self.run(lambda rank: self.shards[rank].run(bucket, inputs))[0]
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
+        return self.run(lambda rank: self.shards[rank].run(bucket, inputs, keep_states))[0]
 
     def local_graphs(self, rank: int) -> list[torch.jit.ScriptModule]:
         return list(self.shards[rank].graphs)

@@ -82,7 +82,9 @@ class TensorParallelModel(torch.nn.Module):
     def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
         """Run bucket `bucket` on inputs already in its shapes, without the bucket kernel (a caller
         that picks and pads for itself: tracer.engine.generator saves the scripted kernel's ~0.15 ms
-        a generation step). InputSignatureError where a shape or dtype differs from the bucket's."""
+        a generation step). The outputs that are states come back as None: they stay with the ranks
+        (with executor="processes" a call would otherwise send every KV cache back). InputSignatureError
+        where a shape or dtype differs from the bucket's."""
         expected = self.buckets[bucket]["inputs"]
         if len(inputs) != len(expected) or any(
                 tuple(x.shape) != tuple(spec["shape"]) or _dtype(x) != spec["dtype"]
@@ -92,7 +94,7 @@ class TensorParallelModel(torch.nn.Module):
         with self._lock:
             if self._closed:
                 raise ModelClosedError("this TensorParallelModel is closed")
-            return self._executor.run_bucket(bucket, list(inputs))
+            return self._executor.run_bucket(bucket, list(inputs), keep_states=False)
 
     def close(self) -> None:
         with self._lock:

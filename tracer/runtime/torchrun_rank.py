@@ -37,11 +37,11 @@ class TorchrunRank:
         self.group = dist.group.WORLD.group_name
         self.shard = RankShard(Path(load_dir), manifest, self.rank, device=self.device)
 
-    def run_bucket(self, bucket: int, inputs: list[torch.Tensor]) -> Any:
+    def run_bucket(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
         collectives.bind_process_group(self.group)  # thread-local: bind on the calling thread
         try:
             with torch.inference_mode():
-                return self.shard.run(bucket, [x.to(self.device) for x in inputs])
+                return self.shard.run(bucket, [x.to(self.device) for x in inputs], keep_states)
         finally:
             collectives.unbind()
 
