@@ -55,6 +55,7 @@ class RankShard:
                 set_tensor(graph, name, tensor)
             graph.eval()
         self.states = [(get_tensor(self.graphs[0], name), index) for name, index in manifest.aliases.items()]
+        self._state_indices = {index for _, index in self.states}
 
     def run(self, bucket: int, inputs: list[torch.Tensor], keep_states: bool = True) -> Any:
         """The graph's outputs; with keep_states=False the outputs that are states are None (they stay
@@ -65,5 +66,4 @@ class RankShard:
                 state.copy_(output[index])  # place (a KV cache is updated in place: 60 checks a step)
         if keep_states or not self.states:
             return output
-        states = {index for _, index in self.states}
-        return tuple(None if i in states else x for i, x in enumerate(output))
+        return tuple(None if i in self._state_indices else x for i, x in enumerate(output))
