@@ -1,7 +1,8 @@
 """Whole batches vs --continuous-batching, served by one TorchServe: SmolLM2-135M-Instruct tp 1 fp32,
 the same shards archived both ways (batch 4), each measured in turn, medians.
 
-    .venv/bin/python -m bench.continuous_batching        (~5 minutes)
+    .venv/bin/python -m bench.continuous_batching                  (~5 minutes)
+    .venv/bin/python -m bench.continuous_batching --weights int4   (make serve's SmolLM2)
 
 - per token: median gap between the lines of one stream (64 new tokens) — continuous batching pays a
   TorchServe round trip per token;
@@ -73,12 +74,12 @@ def staggered(port: int, model: str) -> tuple[float, float]:
     return statistics.mean(latencies) * 1000, (time.perf_counter() - start) * 1000
 
 
-def main() -> None:
+def main(weights: str = "fp32") -> None:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         store = Path(tmp) / "store"
         subprocess.run([sys.executable, "-m", "tracer", "build", "--model", "smollm2", "--tp-degree", "1",
                         "--max-context", "512", "--model-name", "smollm2", "--export-path", str(store),
-                        "--archive-format", "no-archive"], check=True, capture_output=True)
+                        "--weights", weights, "--archive-format", "no-archive"], check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(store / "smollm2.shards"),
                         "--model-name", "smollm2-cb", "--export-path", str(store), "--archive-format", "no-archive",
                         "--continuous-batching"], check=True, capture_output=True)
@@ -100,9 +101,12 @@ def main() -> None:
             server.stop()
     rows = [[MODES[model], *(f"{statistics.median(r[k]):.0f}" if k != "token" else f"{statistics.median(r[k]):.1f}"
                               for k in ("token", "short", "mean", "wall"))] for model, r in results.items()]
-    print(table(["served SmolLM2 tp=1 fp32", "per token ms (1 stream)", "8-token request behind a 160-token stream, ms",
-                 "staggered: mean latency ms", "staggered: all done ms"], rows))
+    print(table([f"served SmolLM2 tp=1 {weights}", "per token ms (1 stream)",
+                 "8-token request behind a 160-token stream, ms", "staggered: mean latency ms",
+                 "staggered: all done ms"], rows))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] not in ([], ["--weights", "fp32"], ["--weights", "int8"], ["--weights", "int4"]):
+        sys.exit("usage: python -m bench.continuous_batching [--weights fp32|int8|int4]")
+    main(*sys.argv[2:])
