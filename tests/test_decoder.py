@@ -85,7 +85,7 @@ def test_a_batch_of_more_than_8_rows_runs_lone_rows_in_the_full_graph(random_lla
     runs alone or with 11 others."""
     from tracer.build.decoder_checkpoint import generation_rows
 
-    assert generation_rows(4) == [1, 4] and generation_rows(8) == [1, 8] and generation_rows(12) == [12]
+    assert generation_rows(4) == [1, 2, 4] and generation_rows(8) == [1, 2, 4, 8] and generation_rows(12) == [12]
     directory, hf = random_llama
     prompts = [[(7 * i + j) % 256 for j in range(3 + i)] for i in range(12)]
     generator = Generator(_trace(directory, tmp_path, 1, batch_size=12))
@@ -130,6 +130,25 @@ def test_random_llama_on_cuda_equals_hf_generate(random_llama, tmp_path):
     try:
         got = generator.generate(PROMPTS, SamplingParams(max_new_tokens=64))
         assert [c.token_ids for c in got] == [_hf_greedy(hf, p, 64) for p in PROMPTS]
+    finally:
+        generator.close()
+
+
+def test_steps_run_the_smallest_graph_that_holds_their_rows(random_llama, tmp_path):
+    """A batch of 4 has graphs of 1, 2 and 4 rows: 3 requests of 24, 12 and 6 new tokens run their
+    steps in the 4-, then the 2-, then the 1-row graph as they finish, each row's tokens those of its
+    prompt alone."""
+    directory, hf = random_llama
+    generator = Generator(_trace(directory, tmp_path, 2, batch_size=4))
+    try:
+        assert generator.rows == [1, 2, 4]
+        lengths = [24, 12, 6]
+        ran = []
+        run_bucket = generator.model.run_bucket
+        generator.model.run_bucket = lambda bucket, inputs: ran.append(inputs[0].shape[0]) or run_bucket(bucket, inputs)
+        got = generator.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=n) for n in lengths])
+        assert [c.token_ids for c in got] == [_hf_greedy(hf, p, n) for p, n in zip(PROMPTS, lengths, strict=False)]
+        assert {4, 2, 1} <= set(ran[3:])  # after the 3 prompts' prefills
     finally:
         generator.close()
 

@@ -191,18 +191,16 @@ class Generator:
         return self.model.run_bucket(bucket, inputs)[0][0]
 
     def _step(self, rows: list[_Row], first: bool = False) -> list[torch.Tensor]:
-        lone = len(rows) == 1 and 1 in self.rows  # the one-row graph: idle rows cost nothing
-        b = 1 if lone else self.max_batch
-        ids, positions, slots = [[0]] * b, [[0]] * b, [self.scratch] * b  # idle rows: the scratch row
-        for row in rows:  # the full graph: each row at its own slot, the graph reads cache row i for row i
-            i = 0 if lone else row.slot
+        b = next(n for n in self.rows if n >= len(rows))  # the smallest graph that holds them
+        ids, positions, slots = [[0]] * b, [[0]] * b, [self.scratch] * b  # the graph's other rows: the scratch row
+        for i, row in enumerate(rows):  # row i of the graph reads and writes cache row slots[i]
             ids[i] = [row.prompt[0] if first else row.generated[-1]]
             positions[i] = [len(row.prompt) + len(row.generated) - 1]  # where that token sits
             slots[i] = row.slot
         bucket = self.buckets.generation_bucket(b, max(p for (p,) in positions) + 1)
         inputs = [torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), torch.zeros(b, dtype=torch.long)]
         logits = self.model.run_bucket(bucket, inputs)[0]
-        return [logits[0 if lone else row.slot] for row in rows]
+        return [logits[i] for i in range(len(rows))]
 
     def _take(self, row: _Row, logits: torch.Tensor, on_token) -> None:
         token, appended = self._sample(logits, row), None
