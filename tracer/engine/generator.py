@@ -192,15 +192,18 @@ class Generator:
 
     def _step(self, rows: list[_Row], first: bool = False) -> list[torch.Tensor]:
         b = next(n for n in self.rows if n >= len(rows))  # the smallest graph that holds them
+        # the full graph: each row at its own slot (without tpserve's attention op, llama.py reads cache row i
+        # for row i there); a smaller one: the rows first, each reading and writing cache row slots[i]
+        at = [row.slot for row in rows] if b == self.max_batch else list(range(len(rows)))
         ids, positions, slots = [[0]] * b, [[0]] * b, [self.scratch] * b  # the graph's other rows: the scratch row
-        for i, row in enumerate(rows):  # row i of the graph reads and writes cache row slots[i]
+        for i, row in zip(at, rows, strict=True):
             ids[i] = [row.prompt[0] if first else row.generated[-1]]
             positions[i] = [len(row.prompt) + len(row.generated) - 1]  # where that token sits
             slots[i] = row.slot
         bucket = self.buckets.generation_bucket(b, max(p for (p,) in positions) + 1)
         inputs = [torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), torch.zeros(b, dtype=torch.long)]
         logits = self.model.run_bucket(bucket, inputs)[0]
-        return [logits[i] for i in range(len(rows))]
+        return [logits[i] for i in at]
 
     def _take(self, row: _Row, logits: torch.Tensor, on_token) -> None:
         token, appended = self._sample(logits, row), None

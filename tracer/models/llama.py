@@ -181,8 +181,8 @@ class Attention(nn.Module):
         self.cache_v.transpose(1, 2).index_put_((cache_rows, positions), v)
         # this graph's window of the cache rows, without a copy where the layout allows: one row (a
         # prompt, or a lone generation row) is a view of its cache row; a full generation step reads
-        # row i's cache row i, as the generator puts each row at its slot (idle rows write to the
-        # scratch row and their output is not used); anything else gathers its rows
+        # row i's cache row i, as the generator puts each row at its slot in the full graph (idle rows
+        # write to the scratch row and their output is not used); anything else gathers its rows
         if b == 1:
             keys = self.cache_k.narrow(0, slots[0], 1)[:, :, : self.context]
             values = self.cache_v.narrow(0, slots[0], 1)[:, :, : self.context]
