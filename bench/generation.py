@@ -199,12 +199,13 @@ SERVED_PARTS = ["before handler", "parse", "model", "answer", "handler's rest", 
 def served_first_token_ms(workdir: Path) -> dict:
     """Served and in-process first-token ms at tp 1: requests to the server and to an in-process
     Generator on the same shards in turn, the median of each pair's difference (one long pass each
-    drifts with the VM), on the fresh server and again after FRONTEND_WARM_UP malformed requests (400s: TorchServe's own
-    round trip, HTTP to the worker and back, whose Java code runs slower until the JVM has compiled
-    it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The in-process side
-    includes the chat template, as the server does. Where the served time goes (warm): the worker's
-    own timings (handler/timings.py) joined with the client's send and first-line times: before the
-    handler (client, frontend, queue with up to maxBatchDelay, IPC), its phases, after it."""
+    drifts with the VM), on the fresh server and again after FRONTEND_WARM_UP malformed requests
+    (400s: TorchServe's own round trip, HTTP to the worker and back, whose Java code runs slower until
+    the JVM has compiled it: ~6 ms fresh, ~3.7 ms warm here); also that round trip itself, warm. The
+    in-process side includes the chat template, as the server does. Where the served time goes
+    (warm): the worker's own timings (handler/timings.py) joined with the client's send and
+    first-line times: before the handler (client, frontend, queue with up to maxBatchDelay, IPC), its
+    phases, after it."""
     from tracer.engine.generator import Generator, SamplingParams
 
     store = workdir / "store"
