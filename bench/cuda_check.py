@@ -48,7 +48,7 @@ def encoder() -> None:
 def decoder() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.builder.decoder_checkpoint import trace_decoder
     from tracer.engine.generator import Generator, SamplingParams
 
     torch.manual_seed(0)

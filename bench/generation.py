@@ -53,7 +53,7 @@ def smollm2():
     every system here runs."""
     from transformers import AutoTokenizer
 
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+    from tracer.builder.gguf_import import convert_gguf, smollm2_gguf
 
     torch.set_num_threads(2)
     directory = convert_gguf(smollm2_gguf())
@@ -63,7 +63,7 @@ def smollm2():
 def built_generator(directory: Path, tp: int, shards: Path, weights: str = "fp32"):
     """SmolLM2 built into `shards` as the in-process rows use it (max context 512, batch 4), loaded and
     warmed up."""
-    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.builder.decoder_checkpoint import trace_decoder
     from tracer.engine.generator import Generator
 
     config = json.loads((directory / "config.json").read_text())
@@ -160,7 +160,7 @@ def kv_cache_rows(directory: Path, story: list[int], text: list[int], workdir: P
     step writes its new keys and values in place (O(new tokens)) and attends its context bucket
     only; attending more positions (a 950-token prompt's tokens, bucket 1024) costs the attention.
     The long prompt: the quality text's tokens, repeated."""
-    from tracer.build.decoder_checkpoint import trace_decoder
+    from tracer.builder.decoder_checkpoint import trace_decoder
     from tracer.engine.generator import Generator
 
     config = json.loads((directory / "config.json").read_text())
@@ -334,7 +334,7 @@ def print_served(served: dict) -> None:
 
 
 def main() -> None:
-    from tracer.build.gguf_import import smollm2_gguf
+    from tracer.builder.gguf_import import smollm2_gguf
 
     directory, tokenizer = smollm2()
     question, story = chat_ids(tokenizer, QUESTION), chat_ids(tokenizer, STORY)
@@ -416,7 +416,7 @@ def rounds_against_llama_cpp(workdir: Path) -> None:
     """Per token, tpserve int4 and int8 (tp=1) and llama.cpp's best build, one after another in each of
     ROUNDS rounds: this VM's speed drifts within minutes, so the whole run's rows, minutes apart, can
     disagree on a ratio that measuring side by side settles."""
-    from tracer.build.gguf_import import smollm2_gguf
+    from tracer.builder.gguf_import import smollm2_gguf
     from tracer.engine.generator import SamplingParams
 
     directory, tokenizer = smollm2()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from bench.common import table
-from tracer.build.hf_checkpoint import trace_checkpoint
-from tracer.build.model_source import default_model_dir
+from tracer.builder.hf_checkpoint import trace_checkpoint
+from tracer.builder.model_source import default_model_dir
 
 BUCKETS = [16, 32, 64, 128]
 

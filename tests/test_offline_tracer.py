@@ -12,7 +12,7 @@ import yaml
 from conftest import MINILM_DIR
 
 import tracer
-from tracer.build.hf_checkpoint import check_weights, trace_checkpoint
+from tracer.builder.hf_checkpoint import check_weights, trace_checkpoint
 from tracer.engine.embedder import load_tokenizer
 from tracer.errors import UsageError
 

@@ -26,8 +26,8 @@ from serving import start_server
 
 from bench.soak import mixed_texts, soak
 from handler.request_parsing import RequestError, parse_texts
-from tracer.build.archive import build_archive
-from tracer.build.hf_checkpoint import trace_checkpoint
+from tracer.builder.archive import build_archive
+from tracer.builder.hf_checkpoint import trace_checkpoint
 from tracer.engine.embedder import Embedder
 
 

@@ -170,7 +170,7 @@ def test_load_reads_safetensors_slices(tmp_path):
 def test_importing_tracer_builds_and_loads_no_cpp(tmp_path):
     """The C++ collectives are built when a rank runtime or trace worker first needs them: not on
     `import tracer`, `tracer.errors`, the CLI's --help or the archive step (a fresh cache stays empty)."""
-    script = ("import torch, tracer, tracer.errors, tracer.build.archive, tracer.engine.embedder, tracer.trace\n"
+    script = ("import torch, tracer, tracer.errors, tracer.builder.archive, tracer.engine.embedder, tracer.trace\n"
               "from tracer import BucketModelConfig, sequence_length_bucket_kernel\n"
               "print(hasattr(torch.ops.tpserve, 'all_reduce'))\n")
     env = dict(os.environ, TPSERVE_CACHE_DIR=str(tmp_path / "cache"))

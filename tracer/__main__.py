@@ -112,9 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Every usage check of the command, before any work (UsageError)."""
-    from .build.archive import check_archive_args, check_shards
-    from .build.hf_checkpoint import check_checkpoint, check_output_dir
-    from .build.model_source import model_kind, read_config, resolve_model
+    from .builder.archive import check_archive_args, check_shards
+    from .builder.hf_checkpoint import check_checkpoint, check_output_dir
+    from .builder.model_source import model_kind, read_config, resolve_model
 
     if args.command in ("trace", "build"):
         if args.max_parallel_compilations is not None and args.max_parallel_compilations < 1:
@@ -133,7 +133,7 @@ def _check(args) -> None:
         else:
             if args.layout is not None:
                 raise UsageError("--layout is for embedding models")
-            from .build.decoder_checkpoint import check_decoder
+            from .builder.decoder_checkpoint import check_decoder
 
             check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context,
                           args.weights)
@@ -147,7 +147,7 @@ def _check(args) -> None:
 
 
 def _settings(args):
-    from .build.archive import ServeSettings
+    from .builder.archive import ServeSettings
 
     return ServeSettings(max_batch_delay_ms=args.max_batch_delay, batch_size=args.serve_batch_size,
                          workers=args.workers, threads_per_rank=args.threads_per_rank,
@@ -162,13 +162,13 @@ def _run(args) -> None:
     if args.command in ("trace", "build"):
         started = time.time()
         if args.kind == "embedding":
-            from .build.hf_checkpoint import trace_checkpoint
+            from .builder.hf_checkpoint import trace_checkpoint
 
             trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
                              args.max_parallel_compilations, layout=args.layout, weights=args.weights)
             what = f"layout={args.layout} buckets={args.buckets} weights={args.weights}"
         else:
-            from .build.decoder_checkpoint import trace_decoder
+            from .builder.decoder_checkpoint import trace_decoder
 
             info = trace_decoder(args.model, args.config, args.tp_degree, args.output, args.buckets, args.batch_size,
                                  args.max_context, args.max_parallel_compilations, args.weights).model
@@ -177,7 +177,7 @@ def _run(args) -> None:
         print(f"traced {args.model} tp={args.tp_degree} {what} into {args.output} in {time.time() - started:.1f}s")
         shards = args.output
     if args.command in ("archive", "build"):
-        from .build.archive import build_archive
+        from .builder.archive import build_archive
 
         target = build_archive(shards, args.model_name, args.export_path, args.archive_format, _settings(args),
                                args.torchrun)

@@ -17,7 +17,7 @@ import torch
 
 from . import artifacts, neuron
 from .bucketing import BucketModelConfig
-from .build.trace_workers import run_trace_workers
+from .builder.trace_workers import run_trace_workers
 from .errors import CompilerArgsError, TraceError
 from .runtime.tensor_parallel_model import TensorParallelModel, parallel_model_load  # noqa: F401 - public API
 

@@ -25,7 +25,7 @@ from ..parallel_layers import (
     parallel_state,
     project,
 )
-from ..parallel_layers.layers import FusedLinear
+from ..parallel_layers.cpu_layers import FusedLinear
 from ..runtime import native_ops
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, backend, load, parallel_state
 from ..parallel_layers.backend import project
 from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
-from ..parallel_layers.layers import FusedLinear
+from ..parallel_layers.cpu_layers import FusedLinear
 from ..runtime import native_ops
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -2,27 +2,22 @@
 
 Where neuronx_distributed runs (tracer.neuron.available()), parallel_state and the three layers ARE
 neuronx_distributed's: a model built from tracer.parallel_layers then traces with its compiler and
-its collectives. Elsewhere they are tpserve's CPU layers (layers.py: custom-op collectives and
+its collectives. Elsewhere they are tpserve's CPU layers (cpu_layers.py: custom-op collectives and
 matmul kernels). Chosen once, at import; TPSERVE_BACKEND=cpu forces tpserve's.
 """
 
 from __future__ import annotations
 
 from .. import neuron
+from . import layers, parallel_state  # each the backend's module (see layers.py)
 
-if neuron.available():
-    NAME = "neuronx_distributed"
-    parallel_state = neuron.module("parallel_layers.parallel_state")
-    _layers = neuron.module("parallel_layers.layers")
-    ColumnParallelLinear = _layers.ColumnParallelLinear
-    RowParallelLinear = _layers.RowParallelLinear
-    ParallelEmbedding = _layers.ParallelEmbedding
-else:
-    NAME = "cpu"
-    from . import parallel_state
-    from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+NAME = "neuronx_distributed" if neuron.available() else "cpu"
+ColumnParallelLinear = layers.ColumnParallelLinear
+RowParallelLinear = layers.RowParallelLinear
+ParallelEmbedding = layers.ParallelEmbedding
 
-__all__ = ["NAME", "ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "parallel_state", "project"]
+__all__ = ["NAME", "ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "layers", "parallel_state",
+           "project"]
 
 
 def project(layer, x, rows=None):

@@ -11,7 +11,7 @@ import torch
 from ..errors import CheckpointKeyError, CheckpointShapeError
 from ..safetensors_reader import SafetensorsFile
 from . import backend
-from .layers import copy_slice, shape_of
+from .cpu_layers import copy_slice, shape_of
 
 
 @contextlib.contextmanager

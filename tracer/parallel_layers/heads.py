@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
-from .layers import _check_shape, copy_slice
+from .cpu_layers import _check_shape, copy_slice
 
 
 class HeadLayout:

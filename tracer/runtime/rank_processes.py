@@ -28,7 +28,7 @@ import torch
 
 from ..artifacts import Manifest
 from ..errors import RankDiedError, RankExecutionError, RankNotLocalError, RankTimeoutError, last_line
-from .executor import root_cause
+from .failures import root_cause
 
 _PR_SET_PDEATHSIG = 1
 

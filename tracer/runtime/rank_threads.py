@@ -20,7 +20,7 @@ import torch
 from ..artifacts import Manifest
 from ..errors import RankExecutionError, last_line
 from . import collectives
-from .executor import root_cause
+from .failures import root_cause
 from .rank_shard import RankShard
 
 _group_ids = itertools.count()

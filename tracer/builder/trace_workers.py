@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import sys
 import time
@@ -135,7 +136,12 @@ def _worker_main(conn, args: tuple) -> None:
         conn.send((False, last_line(exc)))
     finally:
         conn.close()
-        os._exit(0)  # skip interpreter teardown (~1.4 s with torch loaded): the result is sent
+        # What multiprocessing runs when a target returns: its finalizers unlink the semaphores this
+        # process made (tqdm's lock, which transformers' progress bars create), else the parent's
+        # resource tracker reports them "leaked" at shutdown. Then skip the interpreter's teardown
+        # (~1.4 s with torch loaded): the result is sent.
+        multiprocessing.util._exit_function()
+        os._exit(0)
 
 
 def run_trace_workers(worker_args: list[tuple], max_running: int) -> list[dict]:
