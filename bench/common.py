@@ -58,3 +58,30 @@ def machine() -> str:
         pass
     vectors = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
     return f"{model}, {os.cpu_count()} cores, {vectors}"
+
+
+def commit() -> str:
+    """The checked-out commit (with '+dirty' where the tree has changes), or 'unknown'."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(name: str, rows: list[dict], **extra) -> str:
+    """bench/results/NAME.json: the machine, the date, the commit and the rows (what bench.plots draws)."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    record = {"benchmark": name, "machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"), "commit": commit(), **extra, "rows": rows}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return str(path)

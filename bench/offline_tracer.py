@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import table
-from tracer.builder.hf_checkpoint import trace_checkpoint
+from tracer.builder.encoder_checkpoint import trace_checkpoint
 from tracer.builder.model_source import default_model_dir
 
 BUCKETS = [16, 32, 64, 128]

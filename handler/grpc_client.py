@@ -68,6 +68,23 @@ def embed(texts: str | list[str], target: str = "127.0.0.1:7070", model: str = "
     return result
 
 
+def rerank(query: str, documents: list[str], target: str = "127.0.0.1:7070", model: str = "reranker",
+           timeout: float = 60, **options) -> list[dict]:
+    """A reranker's [{"index", "score"}] for the documents, highest score first (the native rerank body,
+    in the "json" input of Predictions; options: raw_scores, return_text, top_n)."""
+    import grpc
+
+    pb2, pb2_grpc = _stub_modules()
+    body = json.dumps({"query": query, "texts": documents, **options}).encode()
+    with grpc.insecure_channel(target) as channel:
+        response = pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(
+            pb2.PredictionsRequest(model_name=model, input={"json": body}), timeout=timeout)
+    result = json.loads(response.prediction)
+    if isinstance(result, dict) and "error" in result:
+        raise PredictionError(result.get("status", 500), result["error"])
+    return result
+
+
 def stream_generate(body: dict, target: str = "127.0.0.1:7070", model: str = "smollm2", timeout: float = 300):
     """Yields the JSON lines of a streamed generation ({"token_id", "text"}, the last with
     finish_reason and usage) over TorchServe's StreamPredictions."""
@@ -84,26 +101,40 @@ def stream_generate(body: dict, target: str = "127.0.0.1:7070", model: str = "sm
                 yield result
 
 
-def infer_v2(texts: list[str], target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 60,
-             request_id: str = "") -> list[list[float]]:
-    """Embeddings of texts through the Open Inference Protocol's ModelInfer (BYTES in, FP32 out)."""
+def _model_infer(tensors: dict[str, list[str]], target: str, model: str, timeout: float, request_id: str):
+    """ModelInfer of the Open Inference Protocol with BYTES inputs {name: texts}: its outputs by name."""
     import grpc
 
     pb2, pb2_grpc = _stub_modules("open_inference_grpc")
-    tensor = pb2.ModelInferRequest.InferInputTensor(
-        name="text", datatype="BYTES", shape=[len(texts)],
+    inputs = [pb2.ModelInferRequest.InferInputTensor(
+        name=name, datatype="BYTES", shape=[len(texts)],
         contents=pb2.InferTensorContents(bytes_contents=[t.encode() for t in texts]))
+        for name, texts in tensors.items()]
     with grpc.insecure_channel(target) as channel:
         response = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            pb2.ModelInferRequest(model_name=model, id=request_id, inputs=[tensor]), timeout=timeout)
+            pb2.ModelInferRequest(model_name=model, id=request_id, inputs=inputs), timeout=timeout)
     outputs = {o.name: o for o in response.outputs}
     if "error" in outputs:  # TorchServe writes BYTES outputs as JSON text: "\"400: ...\""
         status, _, message = json.loads(outputs["error"].contents.bytes_contents[0]).partition(": ")
         raise PredictionError(int(status), message)
-    out = outputs["embedding"]
+    return outputs
+
+
+def infer_v2(texts: list[str], target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 60,
+             request_id: str = "") -> list[list[float]]:
+    """Embeddings of texts through the Open Inference Protocol's ModelInfer (BYTES in, FP32 out)."""
+    out = _model_infer({"text": texts}, target, model, timeout, request_id)["embedding"]
     rows, dim = out.shape
     data = list(out.contents.fp32_contents)
     return [data[i * dim:(i + 1) * dim] for i in range(rows)]
+
+
+def rerank_v2(query: str, documents: list[str], target: str = "127.0.0.1:7070", model: str = "reranker",
+              timeout: float = 60) -> list[float]:
+    """Each document's relevance, in document order, through ModelInfer ("query" and "documents" in,
+    FP32 "scores" out)."""
+    out = _model_infer({"query": [query], "documents": documents}, target, model, timeout, "")["scores"]
+    return list(out.contents.fp32_contents)
 
 
 def model_ready(target: str = "127.0.0.1:7070", model: str = "minilm", timeout: float = 10) -> bool:

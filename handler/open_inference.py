@@ -1,17 +1,18 @@
-"""The Open Inference Protocol (KServe v2) for embedding models, as TorchServe 0.12 passes it on.
+"""The Open Inference Protocol (KServe v2) for encoder models, as TorchServe 0.12 passes it on.
 
 REST `POST /v2/models/NAME/infer` reaches the handler as the client's JSON body; gRPC `ModelInfer`
 (open_inference_grpc.proto, package org.pytorch.serve.grpc.openinference) arrives as JSON the
 frontend wrote, {"id", "model_name", "inputs": [...]}, with BYTES contents base64-encoded and no
-HTTP headers at all. Either way the request is one BYTES input of n texts (shape [n] or [n, 1]) and
-the answer is one FP32 output "embedding" of shape [n, dim] (data flat, row-major).
+HTTP headers at all. Either way an embedding request is one BYTES input of n texts (shape [n] or
+[n, 1]) and the answer one FP32 output "embedding" of shape [n, dim] (data flat, row-major); a
+reranker takes "query" and "documents" and a classifier texts (OpenInferenceApi says what comes back).
 
 Errors: over REST the status and {"error": message}, as KServe v2 defines. Over gRPC TorchServe
 ignores the status a handler sets, and an answer without id / model_name / model_version / outputs
 makes the frontend restart the worker; so a bad gRPC request is answered with one BYTES output
 named "error" holding the message (handler.grpc_client raises it as PredictionError).
 
-(Kept out of embedding_handler.py: TorchServe requires a handler module to define exactly one class.)
+(Kept out of encoder_handler.py: TorchServe requires a handler module to define exactly one class.)
 """
 
 from __future__ import annotations
@@ -20,18 +21,10 @@ import base64
 import binascii
 import itertools
 import json
-from dataclasses import dataclass
 
+from handler.encoder_requests import EncoderRequest, ModelInfo
 from handler.request_parsing import RequestError, body_kind, check_unicode, error_body, float32_json
-
-V2 = "v2"  # ParsedRequest.route of an Open Inference Protocol request
-
-
-@dataclass
-class V2Request:
-    texts: list[str]
-    request_id: str
-    grpc: bool
+from tracer.engine import scores
 
 
 def from_grpc(context, idx: int) -> bool:
@@ -39,17 +32,8 @@ def from_grpc(context, idx: int) -> bool:
     return set(context.get_all_request_header(idx) or {}) <= {"body"}
 
 
-class V2RequestError(RequestError):
-    """A bad inference request: answered in the protocol's shape (see the module doc)."""
-
-    def __init__(self, status: int, message: str, grpc: bool, request_id: str) -> None:
-        super().__init__(status, message)
-        self.request = V2Request([], request_id, grpc)
-
-
-def parse_v2(value, content_type: str, grpc: bool, max_inputs: int) -> V2Request | None:
-    """The texts of an inference request, None when the body is not one (a native request), or
-    V2RequestError (400/413) when it is one this model cannot answer."""
+def detect(value, content_type: str, grpc: bool):
+    """The decoded body of an inference request, or None when the body is not one (a native request)."""
     if not grpc and body_kind(content_type) != "json":
         return None
     if isinstance(value, (bytes, bytearray)):
@@ -62,18 +46,13 @@ def parse_v2(value, content_type: str, grpc: bool, max_inputs: int) -> V2Request
     if not isinstance(inputs, list) or not (all(isinstance(t, dict) for t in inputs) and inputs
                                             or grpc and "model_name" in value):
         return None
-    request_id = value.get("id") or ""
-    request_id = request_id if isinstance(request_id, str) else json.dumps(request_id)
-    try:
-        return V2Request(_texts(inputs, grpc, max_inputs), request_id, grpc)
-    except RequestError as exc:
-        raise V2RequestError(exc.status, str(exc), grpc, request_id) from None
+    return value
 
 
-def _texts(inputs: list, grpc: bool, max_inputs: int) -> list[str]:
-    if len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(400, f"expected one input tensor (BYTES texts), got {len(inputs)}")
-    tensor = inputs[0]
+def _texts(tensor, grpc: bool, limit: int, what: str = "text") -> list[str]:
+    """The strings of one BYTES input tensor."""
+    if not isinstance(tensor, dict):
+        raise RequestError(400, "each input must be a tensor object")
     data, shape = tensor.get("data"), tensor.get("shape")
     if tensor.get("datatype") != "BYTES":
         raise RequestError(400, f"input {tensor.get('name')!r}: datatype must be BYTES (texts), "
@@ -82,13 +61,13 @@ def _texts(inputs: list, grpc: bool, max_inputs: int) -> list[str]:
         raise RequestError(400, 'input "data" must be a non-empty list of strings')
     if shape not in ([len(data)], [len(data), 1]):
         raise RequestError(400, f"input shape {shape} does not match {len(data)} texts: use [{len(data)}]")
-    if len(data) > max_inputs:
-        raise RequestError(413, f"{len(data)} inputs in one request; the limit is {max_inputs}")
+    if len(data) > limit:
+        raise RequestError(413, f"{len(data)} inputs in one request; the limit is {limit}")
     texts = [_grpc_text(t, i) for i, t in enumerate(data)] if grpc else data
     for i, text in enumerate(texts):
         if not text.strip():
-            raise RequestError(400, f"text {i} is empty")
-        check_unicode(text, f"text {i}")
+            raise RequestError(400, f"{what} {i} is empty")
+        check_unicode(text, f"{what} {i}")
     return texts
 
 
@@ -104,12 +83,57 @@ def model_version(context) -> str:
     return str(manifest.get("model", {}).get("modelVersion") or "1.0")
 
 
-def answer(request: V2Request, context, vectors: list[list[float]]) -> str:
-    flat = float32_json(itertools.chain.from_iterable(vectors))
-    output = (f'{{"name":"embedding","datatype":"FP32","shape":[{len(vectors)},{len(vectors[0])}],'
-              f'"data":{flat}}}')
-    return (f'{{"id":{json.dumps(request.request_id)},"model_name":{json.dumps(context.model_name)},'
-            f'"model_version":{json.dumps(model_version(context))},"outputs":[{output}]}}')
+def _output(name: str, shape: list[int], values) -> str:
+    return f'{{"name":"{name}","datatype":"FP32","shape":{json.dumps(shape)},"data":{float32_json(values)}}}'
+
+
+class OpenInferenceApi:
+    """Embedding models: one BYTES input of n texts -> FP32 "embedding" [n, dim]. Classification models:
+    BYTES inputs "query" [1] and "documents" [n] -> FP32 "scores" [n] (each document's relevance, in
+    document order); one BYTES input of n texts -> FP32 "scores" [n, labels] (label probabilities, in
+    label order)."""
+
+    def parse(self, body: dict, content_type: str, model: ModelInfo, context, idx: int) -> EncoderRequest:
+        grpc = from_grpc(context, idx)
+        request_id = body.get("id") or ""
+        request_id = request_id if isinstance(request_id, str) else json.dumps(request_id)
+        request = EncoderRequest(adapter=self, options={"grpc": grpc, "id": request_id})
+        try:
+            self._read(request, body.get("inputs"), grpc, model)
+        except RequestError as exc:  # answered in the protocol's shape, with the request's id
+            request.fail(exc.status, str(exc))
+        return request
+
+    @staticmethod
+    def _read(request: EncoderRequest, inputs: list, grpc: bool, model: ModelInfo) -> None:
+        by_name = {t.get("name"): t for t in inputs if isinstance(t, dict)}
+        if model.kind == "classification" and "query" in by_name:
+            if set(by_name) != {"query", "documents"} or len(inputs) != 2:
+                raise RequestError(400, 'a rerank request has two BYTES inputs, "query" [1] and "documents" [n]')
+            queries = _texts(by_name["query"], grpc, 1, "query")
+            docs = _texts(by_name["documents"], grpc, model.max_documents, "document")
+            request.task, request.inputs = "rerank", [(queries[0], d) for d in docs]
+            return
+        if len(inputs) != 1:
+            raise RequestError(400, f"expected one input tensor (BYTES texts), got {len(inputs)}")
+        request.inputs = _texts(inputs[0], grpc, model.max_inputs)
+        request.task = "classify" if model.kind == "classification" else "embed"
+
+    def answer(self, request: EncoderRequest, model: ModelInfo, context, idx: int) -> str:
+        vectors = request.vectors
+        if request.task == "rerank":
+            output = _output("scores", [len(vectors)], (scores.relevance(v) for v in vectors))
+        elif request.task == "classify":
+            rows = [scores.probabilities(v, model.labels or {}) for v in vectors]
+            output = _output("scores", [len(rows), len(rows[0])], itertools.chain.from_iterable(rows))
+        else:
+            output = _output("embedding", [len(vectors), len(vectors[0])], itertools.chain.from_iterable(vectors))
+        return (f'{{"id":{json.dumps(request.options["id"])},"model_name":{json.dumps(context.model_name)},'
+                f'"model_version":{json.dumps(model_version(context))},"outputs":[{output}]}}')
+
+    def error(self, request: EncoderRequest, model: ModelInfo, context, idx: int) -> str:
+        grpc, request_id = request.options.get("grpc", False), request.options.get("id", "")
+        return error_answer(context, idx, request.status, request.error, grpc, request_id)
 
 
 def error_answer(context, idx: int, status: int, message: str, grpc: bool, request_id: str = "") -> str:

@@ -4,7 +4,8 @@ TorchServe hands a handler the part of the URL after /predictions/NAME/VERSION/ 
 header `url_path`, so an OpenAI client pointed at base_url http://HOST:8080/predictions/NAME/1.0/v1
 reaches these routes:
 
-    POST v1/embeddings          (embedding models)
+    POST v1/embeddings          (embedding models; OpenAIEmbeddings)
+    POST v1/rerank              (classification models: handler/rerank_api.py)
     POST v1/completions         (generation models; handler/openai_generation.py)
     POST v1/chat/completions    (generation models)
     GET  v1/models              (any model; TorchServe gives the handler no method, so any body)
@@ -23,6 +24,7 @@ import json
 import struct
 import time
 
+from handler.encoder_requests import EncoderRequest
 from handler.request_parsing import (
     RequestError,
     body_kind,
@@ -136,3 +138,31 @@ def embeddings_answer(model_name: str, vectors: list[list[float]], encoding: str
 
 def created_now() -> int:
     return int(time.time())
+
+
+class OpenAIEmbeddings:
+    """POST v1/embeddings: the adapter of handler/encoder_requests.py (texts take the model's default prompt)."""
+
+    def parse(self, value, content_type: str, model, context=None, idx: int = 0):
+        inputs, encoding = parse_embeddings(read_json(value, content_type), model.max_inputs, model.dimension)
+        return EncoderRequest(adapter=self, inputs=inputs, options={"encoding": encoding})
+
+    def answer(self, request, model, context=None, idx: int = 0) -> str:
+        tokens = sum(map(len, request.encoded))
+        return embeddings_answer(model.name, request.vectors, request.options["encoding"], tokens)
+
+    def error(self, request, model, context, idx: int) -> str:
+        return route_error(context, idx, EMBEDDINGS, request.status, request.error)
+
+
+class OpenAIModels:
+    """GET v1/models (any body: TorchServe gives the handler no method): the served model."""
+
+    def parse(self, value, content_type: str, model, context=None, idx: int = 0):
+        return EncoderRequest(adapter=self, task="models")
+
+    def answer(self, request, model, context=None, idx: int = 0) -> str:
+        return models_answer(model.name, model.created)
+
+    def error(self, request, model, context, idx: int) -> str:
+        return route_error(context, idx, MODELS, request.status, request.error)

@@ -2,7 +2,7 @@
 route's answer shares (error status and body, float32 vectors as JSON).
 
 What each Content-Type means (TorchServe passes the body through undecoded; see
-EmbeddingHandler.initialize):
+EncoderHandler.initialize):
   text/* (charset utf-8 or none), or no Content-Type   the body is one text
   application/json, application/*+json                 {"inputs": "text"} or {"inputs": ["t1", ...]}
   anything else                                        415, naming the right header
@@ -10,34 +10,15 @@ application/x-www-form-urlencoded is what `curl --data` sends without -H: TorchS
 form fields (a body without "=" arrives empty, "+" and "%xx" are rewritten), so the text cannot be
 recovered and the answer is 415, not a silently changed text.
 
-(Kept out of embedding_handler.py: TorchServe requires a handler module to define exactly one class.)
+(Kept out of encoder_handler.py: TorchServe requires a handler module to define exactly one class.)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from http import HTTPStatus
 
 USE_INSTEAD = "send text with 'Content-Type: text/plain' or JSON with 'Content-Type: application/json'"
-
-
-@dataclass
-class ParsedRequest:
-    """One request of the batch on its way through the handler: either token ids, or its error."""
-
-    route: str = ""              # "" (native) or an OpenAI path, e.g. "v1/embeddings"
-    ids: list[list[int]] | None = None
-    as_list: bool = False
-    encoding: str = "float"      # OpenAI's encoding_format
-    v2: object = None            # an Open Inference Protocol request (handler/open_inference.py)
-    truncated: bool = False
-    vectors: list | None = None
-    status: int = 200
-    error: str = ""
-
-    def fail(self, status: int, message: str) -> None:
-        self.status, self.error = status, message
 
 
 class RequestError(Exception):
@@ -120,39 +101,72 @@ def body_kind(content_type: str) -> str:
     raise RequestError(415, f"Content-Type {media} is not accepted: {USE_INSTEAD}")
 
 
-def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], bool]:
-    """(texts, answer_is_list) from one request body, or RequestError."""
+def decode_body(value, content_type: str):
+    """A native body: the text of a text/* body, or the decoded value of a JSON one; RequestError (4xx)
+    for a Content-Type we do not read, bytes that are not UTF-8 or JSON that does not parse."""
     kind = body_kind(content_type)
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(400, "body is not valid UTF-8") from None
-        if kind == "json":
-            if not value.strip():
-                raise RequestError(400, 'empty body: expected JSON {"inputs": "text" | ["text", ...]}')
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise RequestError(400, "body is not valid JSON") from None
+    if not isinstance(value, (bytes, bytearray)):
+        return value
+    try:
+        value = bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "body is not valid UTF-8") from None
+    if kind == "text":
+        return value
+    if not value.strip():
+        raise RequestError(400, 'empty body: expected JSON {"inputs": "text" | ["text", ...]}')
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise RequestError(400, "body is not valid JSON") from None
+
+
+def check_texts(texts: list, what: str = "text") -> None:
+    """Each text non-blank and valid Unicode, else RequestError 400."""
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise RequestError(400, f"empty {what}" if len(texts) == 1 else f"empty {what} (input {i})")
+        check_unicode(text, f"{what} {i}")
+
+
+def parse_native(value, content_type: str, max_inputs: int, fields: tuple[str, ...] = (),
+                 pairs: bool = False) -> tuple[list, bool, dict]:
+    """(inputs, answer_is_list, the other JSON fields) of a native body: text/plain (one text), or
+    {"inputs": "text" | [...], <fields>}; pairs=True: an input may also be [text, text] (a classifier's
+    pair). RequestError for anything else."""
+    value = decode_body(value, content_type)
+    extras = {}
     if isinstance(value, str):
         texts, as_list = [value], False
-    elif isinstance(value, dict) and set(value) == {"inputs"}:
-        inputs = value["inputs"]
+    elif isinstance(value, dict) and "inputs" in value and set(value) <= {"inputs", *fields}:
+        inputs, extras = value["inputs"], {k: v for k, v in value.items() if k != "inputs"}
+
+        def one(x) -> bool:
+            return isinstance(x, str) or pairs and isinstance(x, list) and len(x) == 2 and all(
+                isinstance(t, str) for t in x)
+
         if isinstance(inputs, str):
             texts, as_list = [inputs], False
-        elif isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs):
-            texts, as_list = inputs, True
+        elif isinstance(inputs, list) and inputs and all(map(one, inputs)):
+            texts, as_list = [tuple(t) if isinstance(t, list) else t for t in inputs], True
         else:
-            raise RequestError(400, '"inputs" must be a string or a non-empty list of strings')
+            raise RequestError(400, '"inputs" must be a string or a non-empty list of strings'
+                               + (" or [text, text] pairs" if pairs else ""))
+    elif isinstance(value, dict) and "inputs" in value:
+        raise RequestError(400, f"unknown fields {sorted(set(value) - {'inputs', *fields})}; known: "
+                                f"{sorted({'inputs', *fields})}")
     else:
         raise RequestError(400, 'expected a text/plain body or JSON {"inputs": "text" | ["text", ...]}')
     if len(texts) > max_inputs:
         raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs}")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            # also what a GET gets: TorchServe hands the handler neither the method nor a body
-            raise RequestError(400, "empty text" if as_list or len(texts) > 1 else
-                               "empty text (POST a body: text/plain, or JSON {\"inputs\": ...})")
-        check_unicode(text, f"text {i}")
+    if len(texts) == 1 and isinstance(texts[0], str) and not texts[0].strip() and not as_list:
+        # also what a GET gets: TorchServe hands the handler neither the method nor a body
+        raise RequestError(400, "empty text (POST a body: text/plain, or JSON {\"inputs\": ...})")
+    check_texts([t for x in texts for t in (x if isinstance(x, tuple) else (x,))])
+    return texts, as_list, extras
+
+
+def parse_texts(value, content_type: str, max_inputs: int) -> tuple[list[str], bool]:
+    """(texts, answer_is_list) from one native embedding body, or RequestError."""
+    texts, as_list, _ = parse_native(value, content_type, max_inputs)
     return texts, as_list

@@ -4,6 +4,7 @@ torchserve, no requests), for machines that only call the server.
     from handler.rest_client import Client
     client = Client("http://127.0.0.1:8080")
     client.embed(["a text", "another"], model="minilm")          # [[...384 floats], [...]]
+    client.rerank("a query", ["a document", "another"], model="reranker")  # [{"index", "score"}, ...]
     client.generate(prompt="The capital of France is", model="smollm2", max_new_tokens=8)
     for line in client.stream(messages=[{"role": "user", "content": "Hi"}], model="smollm2"):
         print(line["text"], end="")
@@ -61,6 +62,15 @@ class Client:
     def embed(self, texts: str | list[str], model: str = "minilm") -> list[float] | list[list[float]]:
         """One embedding for a string, a list of embeddings (in order) for a list."""
         connection, response = self._post(model, {"inputs": texts})
+        try:
+            return json.loads(response.read())
+        finally:
+            connection.close()
+
+    def rerank(self, query: str, documents: list[str], model: str = "reranker", **options) -> list[dict]:
+        """A reranker's [{"index", "score"}] for the documents, highest first (options: raw_scores,
+        return_text, top_n)."""
+        connection, response = self._post(model, {"query": query, "texts": documents, **options})
         try:
             return json.loads(response.read())
         finally:

@@ -1,4 +1,4 @@
-"""Where a served request's time goes, measured inside the worker (bench/serving.py --breakdown).
+"""Where a served request's time goes, measured inside the worker (bench/serving.py's breakdown table).
 
 Off unless the worker's environment has TPSERVE_TIMINGS=FILE; then each batch appends one JSON line
 per request to FILE: the request's id (the client's X-Request-Id header, else TorchServe's), the

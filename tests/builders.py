@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tracer.models.bert import BertConfig, ParallelBertModel
+from tracer.models import bert
+from tracer.models.encoder import Encoder
 from tracer.parallel_layers import ColumnParallelLinear, RowParallelLinear, load, parallel_state
 
-TINY_BERT = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=64)
+TINY_BERT = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64)
 
 
 class Mlp(nn.Module):
@@ -44,16 +45,16 @@ def tiny_bert_reference():
     from transformers import BertModel
 
     torch.manual_seed(2)
-    c = TINY_BERT
-    hf = BertModel(HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                            num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-                            max_position_embeddings=c.max_position_embeddings), add_pooling_layer=False)
-    return hf.eval()
+    return BertModel(HFConfig(**TINY_BERT), add_pooling_layer=False).eval()
 
 
 def build_tiny_bert(**_bucket_kwargs) -> tuple[nn.Module, dict]:
-    model = ParallelBertModel(TINY_BERT)
-    load(tiny_bert_reference().state_dict(), model, ignore_unexpected=ParallelBertModel.unused_checkpoint_keys)
+    """Our BERT family's encoder (models/bert.py), loaded by the family's names from the reference."""
+    reference = tiny_bert_reference()
+    config = bert.FAMILY.config(reference.config)
+    model = Encoder(config)
+    load(reference.state_dict(), model, aliases=bert.FAMILY.checkpoint_names(model.state_dict(), config, ""),
+         ignore_unexpected=bert.FAMILY.unused)
     return model.eval(), {}
 
 
@@ -126,7 +127,7 @@ class FaultInRankOne(nn.Module):
 
 def build_minilm_with_fault_in_rank_one(model_dir) -> tuple[nn.Module, dict]:
     """MiniLM in the tracer's default layout for it (packed) with FaultInRankOne's bug."""
-    from tracer.models.sentence import load_sentence_model
+    from tracer.models.encoders import load_sentence_model
 
     model, states = load_sentence_model(model_dir, packed=True)
     return FaultInRankOne(model).eval(), states

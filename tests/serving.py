@@ -98,6 +98,39 @@ class Server:
             self.process.wait(timeout=30)
 
 
+class HandlerBatch:
+    """What TorchServe's worker hands EncoderHandler.handle(): bodies (undecoded: the handler turns
+    TorchServe's decoding off) and a Context with one RequestProcessor of headers per request."""
+
+    def __init__(self, handler_dir, name: str = "minilm", settings: dict | None = None) -> None:
+        import ts
+        from ts.context import Context
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        from handler.encoder_handler import EncoderHandler
+
+        metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+        metrics.initialize_cache()
+        self.context = Context(name, str(handler_dir), None, 8, None, ts.__version__, metrics=metrics,
+                               model_yaml_config={"handler": settings or {"max_inputs_per_request": 64}})
+        self.handler = EncoderHandler()
+        self.handler.initialize(self.context)
+
+    def run(self, requests: list[tuple]) -> list[tuple[int, object]]:
+        """requests: (Content-Type, body) or (Content-Type, body, more headers); Content-Type None:
+        no HTTP headers at all (what a gRPC ModelInfer request carries)."""
+        from ts.context import RequestProcessor
+
+        self.context.request_processor = [
+            RequestProcessor({} if r[0] is None else {"Content-Type": r[0], **(r[2] if len(r) > 2 else {})})
+            for r in requests]
+        self.context.metrics.request_ids = {i: f"r{i}" for i in range(len(requests))}
+        answers = self.handler.handle([{"body": bytearray(r[1])} for r in requests], self.context)
+        assert len(answers) == len(requests)
+        statuses = [self.context.get_response_status(i)[0] for i in range(len(requests))]
+        return [(status, json.loads(answer)) for status, answer in zip(statuses, answers, strict=True)]
+
+
 def start_server(tmp: Path, store: Path, model: str = "minilm", wait_for_models: bool = True) -> Server:
     ports = write_config(tmp / "config.properties", store, model)
     process = server.start(tmp / "config.properties", store, tmp / "logs", timeout_s=300,

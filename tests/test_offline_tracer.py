@@ -12,7 +12,7 @@ import yaml
 from conftest import MINILM_DIR
 
 import tracer
-from tracer.builder.hf_checkpoint import check_weights, trace_checkpoint
+from tracer.builder.encoder_checkpoint import check_weights, trace_checkpoint
 from tracer.engine.embedder import load_tokenizer
 from tracer.errors import UsageError
 
@@ -47,11 +47,12 @@ def reference():
 
 
 def _inputs(ids: list[int], packed: bool) -> list[torch.Tensor]:
-    """One text as a packed call (input_ids, positions, lengths) or a padded row (input_ids, mask)."""
+    """One text as a packed call (input_ids, positions, token types, pooling mask, lengths) or a padded
+    row (input_ids, mask, token types, pooling mask)."""
     ids = torch.tensor(ids)
     if packed:
-        return [ids, torch.arange(len(ids)), torch.tensor([len(ids)])]
-    return [ids[None], torch.ones_like(ids[None])]
+        return [ids, torch.arange(len(ids)), torch.zeros_like(ids), torch.ones_like(ids), torch.tensor([len(ids)])]
+    return [ids[None], torch.ones_like(ids[None]), torch.zeros_like(ids[None]), torch.ones_like(ids[None])]
 
 
 def _embed(model, shards_dir):
@@ -92,22 +93,21 @@ def test_other_tp_degrees_and_layouts_equal_sentence_transformers(tp, layout, tm
             mask = torch.zeros_like(ids)
             for row, e in enumerate(encoded):
                 ids[row, : len(e)], mask[row, : len(e)] = torch.tensor(e), 1
-            _assert_matches(model(ids, mask), reference[:2])
+            _assert_matches(model(ids, mask, torch.zeros_like(ids), mask), reference[:2])
 
 
 @pytest.mark.parametrize("weights, cosine_floor", [("bf16", 0.9999), ("int8", 0.999)])
 def test_bf16_and_int8_builds_stay_close_to_sentence_transformers(weights, cosine_floor, tmp_path, reference):
     """--weights bf16: the encoder's linear layers hold bfloat16 weights and run bfloat16 GEMMs (cosine
-    measured 0.99995 at the lowest of 96 texts); int8 (models/bert.py's quantize_encoder): int8 weights in
+    measured 0.99995 at the lowest of 96 texts); int8 (models/encoder.py's quantize): int8 weights in
     groups of 32, inputs rounded to 16 or 8 bits (0.9995). Both really changed: further from
     sentence-transformers than fp32's 1e-4, every linear layer of the mode."""
     trace_checkpoint(MINILM_DIR, 2, BUCKETS, tmp_path, batch_size=2, weights=weights)  # tp 2: shards of each
     with tracer.parallel_model_load(tmp_path) as model:
         assert model.manifest.model["weights"] == weights
         got, _ = _embed(model, tmp_path)
-        layer = getattr(model.rank_modules(0)[0].encoder.encoder.layer, "0")
-        for linear in (layer.attention.self.qkv, layer.attention.output.dense, layer.intermediate.dense,
-                       layer.output.dense):
+        layer = getattr(model.rank_modules(0)[0].encoder.layers, "0")
+        for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down):
             held = linear.weight.dtype if weights == "bf16" else linear.qweight.dtype
             assert held == (torch.bfloat16 if weights == "bf16" else torch.uint8)
     cosine = torch.nn.functional.cosine_similarity(got, reference, dim=1)
@@ -129,12 +129,14 @@ def test_packing_texts_together_never_changes_a_result(built, reference):
             encoded = [tokenizer.encode(SENTENCES[i]).ids for i in pair]
             ids = torch.tensor(encoded[0] + encoded[1])
             positions = torch.cat([torch.arange(len(encoded[0])), torch.arange(len(encoded[1]))])
-            _assert_matches(model(ids, positions, torch.tensor([len(e) for e in encoded])), reference[list(pair)])
+            types, pool = torch.zeros_like(ids), torch.ones_like(ids)
+            _assert_matches(model(ids, positions, types, pool, torch.tensor([len(e) for e in encoded])),
+                            reference[list(pair)])
         with pytest.raises(ValueError, match="3 texts exceed the 2 one call takes"):
-            model(ids, positions, torch.tensor([1, 1, 1]))
+            model(ids, positions, types, pool, torch.tensor([1, 1, 1]))
         with pytest.raises(ValueError, match="expected int64 with 1 dims"):
-            model(ids[None], positions[None], torch.tensor([1]))
-        with pytest.raises(ValueError, match="expected 3 inputs"):
+            model(ids[None], positions[None], types[None], pool[None], torch.tensor([1]))
+        with pytest.raises(ValueError, match="expected 5 inputs"):
             model(ids[None], torch.ones_like(ids[None]))
 
 
@@ -146,16 +148,19 @@ def test_mar_layout(built):
     for rank in range(2):
         assert {f"tp_{rank}/weights.safetensors"} | {f"tp_{rank}/bucket_{b}.pt" for b in range(4)} <= names
     assert {"manifest.json", "bucket_kernel.pt", "tokenizer/tokenizer.json", "tokenizer/vocab.txt",
-            "model-config.yaml", "embedding_handler.py", "MAR-INF/MANIFEST.json"} <= names
+            "model-config.yaml", "encoder_handler.py", "MAR-INF/MANIFEST.json"} <= names
     assert "batchSize: 2" in config and "tp_degree: 2" in config and "startupTimeout" in config
     assert "buckets" not in config  # stored once, in the manifest's bucket signatures
     info = manifest["model"]
-    assert info["output"] == "sentence_embedding" and info["sentence_transformers"] == {"pooling": "mean",
-                                                                                         "normalize": True}
+    assert info["output"] == "sentence_embedding" and info["kind"] == "embedding" and info["family"] == "bert"
+    assert info["sentence_transformers"] == {"pooling": ["mean"], "include_prompt": True, "dense": [],
+                                             "normalize": True, "prompts": {}, "default_prompt_name": None,
+                                             "do_lower_case": False, "max_seq_length": 256}
+    assert info["dimension"] == 384 and info["max_seq_length"] == 256
     assert info["layout"] == "packed" and info["texts_per_call"] == 2
     # one manifest covers every file served: graphs, weights, bucket kernel and tokenizer
     served = {n for n in names if not n.startswith("MAR-INF/") and n not in (
-        "manifest.json", "model-config.yaml", "embedding_handler.py") and not n.endswith("/")}
+        "manifest.json", "model-config.yaml", "encoder_handler.py") and not n.endswith("/")}
     assert served - {f"tp_{r}/{f}" for r in range(2) for f in ("trace.log", "trace_timing.json")} == set(
         manifest["files"])
 
@@ -182,15 +187,15 @@ def broken_dir(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trace", "--tp-degree", "5", "--output", "OUT"], "does not divide num_attention_heads=12"),
+    (["trace", "--tp-degree", "5", "--output", "OUT"], "does not divide the MLP's intermediate size 1536"),
     (["trace", "--tp-degree", "2", "--buckets", "32,16", "--output", "OUT"], "strictly ascending"),
     (["trace", "--tp-degree", "2", "--buckets", "0,16", "--output", "OUT"], "positive"),
     (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--layout", "padded", "--output", "OUT"],
-     "max_position_embeddings=512"),
+     "exceeds the model's 512 positions"),
     (["trace", "--tp-degree", "2", "--buckets", "128,1024", "--batch-size", "2", "--output", "OUT"],
      "1024 tokens is more than one call holds (2 texts (--batch-size) of up to 256 tokens)"),
     (["trace", "--tp-degree", "2", "--layout", "packed", "--model", "smollm2", "--output", "OUT"],
-     "--layout is for embedding models"),
+     "--layout is for embedding and classification models"),
     (["trace", "--tp-degree", "2", "--buckets", "a,b", "--output", "OUT"], "comma-separated integers"),
     (["trace", "--tp-degree", "2", "--batch-size", "0", "--output", "OUT"], "--batch-size must be >= 1"),
     (["trace", "--tp-degree", "2", "--max-parallel-compilations", "0", "--output", "OUT"],
@@ -198,7 +203,7 @@ def broken_dir(tmp_path):
     (["trace", "--tp-degree", "2"], "required: --output"),
     (["trace", "--tp-degree", "2", "--model", "NOWHERE", "--output", "OUT"], "no config.json"),
     (["trace", "--tp-degree", "2", "--model", "GPT2", "--output", "OUT"],
-     "'gpt2' is not supported; supported: model_type 'bert'"),
+     "'gpt2' is not supported; supported: bert (embedding/classification)"),
     (["trace", "--tp-degree", "2", "--model", "BROKEN", "--output", "OUT"], "config.json: not valid JSON"),
     (["trace", "--tp-degree", "2", "--output", "FILE"], "exists and is not a directory"),
     (["trace", "--tp-degree", "2", "--output", "FILE/sub"], "is not a directory"),
@@ -208,9 +213,10 @@ def broken_dir(tmp_path):
     (["archive", "--shards", "NOWHERE", "--model-name", "m", "--archive-format", "tgz"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
     (["trace", "--tp-degree", "1", "--max-context", "64", "--output", "OUT"], "--max-context is for generation"),
-    (["trace", "--tp-degree", "1", "--weights", "int4", "--output", "OUT"], "embedding models take fp32, bf16 or int8"),
+    (["trace", "--tp-degree", "1", "--weights", "int4", "--output", "OUT"],
+     "embedding and classification models take fp32, bf16 or int8"),
     (["trace", "--tp-degree", "1", "--model", "GGUF", "--output", "OUT"], "not a readable GGUF file"),
-    ([], "required: {trace,archive,build} (see `python -m tracer --help`)"),
+    ([], "required: {trace,archive,build,models} (see `python -m tracer --help`)"),
 ])
 def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_path, gpt2_dir, broken_dir, capsys):
     """The CLI's entry point in this process (a subprocess per case spent ~2 s importing torch; the
@@ -237,7 +243,7 @@ def test_misuse_exits_2_with_one_clear_line_before_any_work(args, message, tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["trace", "--tp-degree", "2", "--batch-size", "0", "--output", "OUT"], "--batch-size must be >= 1"),
-    ([], "required: {trace,archive,build}"),
+    ([], "required: {trace,archive,build,models}"),
 ])
 def test_misuse_on_the_command_line_is_one_line_and_exit_2(args, message, tmp_path):
     result = _cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args], check=False)
@@ -263,7 +269,8 @@ def test_help_is_fast_and_shows_defaults():
     assert time.monotonic() - started < 1.5  # no torch import for --help
     text = " ".join(result.stdout.split())
     assert "(>= 1: TorchServe reads 0 as 100) (default: 1)" in text and "(default: model_store)" in text
-    assert "default: 1 for embeddings, 4 for generation" in text and "up to max_seq_length" in text
+    assert "default: 1 for embeddings, 8 for classification / rerank, 4 for generation" in text
+    assert "up to max_seq_length" in text
 
 
 def test_serving_settings_are_archive_flags(built, tmp_path):

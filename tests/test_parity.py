@@ -47,9 +47,9 @@ def test_shards_really_are_sharded(minilm_tp2):
     """Each rank holds half of every column/row-parallel weight, and the all-reduce is in the graph."""
     for rank in range(2):
         graph = minilm_tp2.rank_modules(rank)[0]
-        qkv = getattr(graph.encoder.layer, "0").attention.self.qkv.weight  # query, key, value fused
+        qkv = getattr(graph.layers, "0").attn.qkv.weight  # query, key, value fused
         assert tuple(qkv.shape) == (3 * 192, 384)
-        assert tuple(graph.embeddings.word_embeddings.weight.shape) == (15261, 384)
+        assert tuple(graph.embeddings.word.weight.shape) == (15261, 384)
         assert "tpserve::all_reduce" in str(graph.inlined_graph)
         # the op takes no group name (each thread binds its group): (x, rank, world_size) only
         reduces = [n for n in graph.inlined_graph.nodes() if n.kind() == "tpserve::all_reduce"]

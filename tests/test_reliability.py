@@ -13,7 +13,6 @@ import signal
 import string
 import time
 import zipfile
-from pathlib import Path
 
 import psutil
 import pytest
@@ -22,12 +21,12 @@ from builders import build_minilm_with_fault_in_rank_one
 from conftest import MINILM_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import start_server
+from serving import HandlerBatch, start_server
 
 from bench.soak import mixed_texts, soak
 from handler.request_parsing import RequestError, parse_texts
 from tracer.builder.archive import build_archive
-from tracer.builder.hf_checkpoint import trace_checkpoint
+from tracer.builder.encoder_checkpoint import trace_checkpoint
 from tracer.engine.embedder import Embedder
 
 
@@ -107,42 +106,9 @@ HOSTILE = st.one_of(
 GOOD_TEXTS = st.text(alphabet=string.ascii_letters + " éü中文🙂", min_size=1, max_size=60).filter(str.strip)
 
 
-class _Batch:
-    """What TorchServe's worker hands EmbeddingHandler.handle(): bodies (undecoded: the handler turns
-    TorchServe's decoding off) and a Context with one RequestProcessor of headers per request."""
-
-    def __init__(self, handler_dir) -> None:
-        import ts
-        from ts.context import Context
-        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-        from handler.embedding_handler import EmbeddingHandler
-
-        metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-        metrics.initialize_cache()
-        self.context = Context("minilm", str(handler_dir), None, 8, None, ts.__version__, metrics=metrics,
-                               model_yaml_config={"handler": {"max_inputs_per_request": 64}})
-        self.handler = EmbeddingHandler()
-        self.handler.initialize(self.context)
-
-    def run(self, requests: list[tuple]) -> list[tuple[int, object]]:
-        """requests: (Content-Type, body) or (Content-Type, body, more headers); Content-Type None:
-        no HTTP headers at all (what a gRPC ModelInfer request carries)."""
-        from ts.context import RequestProcessor
-
-        self.context.request_processor = [
-            RequestProcessor({} if r[0] is None else {"Content-Type": r[0], **(r[2] if len(r) > 2 else {})})
-            for r in requests]
-        self.context.metrics.request_ids = {i: f"r{i}" for i in range(len(requests))}
-        answers = self.handler.handle([{"body": bytearray(r[1])} for r in requests], self.context)
-        assert len(answers) == len(requests)
-        statuses = [self.context.get_response_status(i)[0] for i in range(len(requests))]
-        return [(status, json.loads(answer)) for status, answer in zip(statuses, answers, strict=True)]
-
-
 @pytest.fixture(scope="module")
 def batch_handler(store):
-    batch = _Batch(store / "minilm.shards")
+    batch = HandlerBatch(store / "minilm.shards")
     yield batch
     batch.handler.embedder.close()
 

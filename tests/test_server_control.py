@@ -67,7 +67,7 @@ def test_mar_is_rebuilt_when_its_inputs_change(tmp_path):
     future = time.time() + 3600
     os.utime(mar, (future, future))
     assert "tracer build" not in _make_mar_plan(mar, f"MINILM_STAMP={stamp}")  # newer than every input: reused
-    for changed in ("handler/embedding_handler.py", "tracer/models/bert.py", "Makefile"):
+    for changed in ("handler/encoder_handler.py", "tracer/models/bert.py", "Makefile"):
         assert "tracer build" in _make_mar_plan(mar, f"MINILM_STAMP={stamp}", "-W", changed), changed
     other = _make_mar_plan(mar, "MINILM_WEIGHTS=bf16", f"MINILM_STAMP={tmp_path / '.minilm-bf16'}")
     assert "tracer build --tp-degree 2 --batch-size 8 --weights bf16" in other  # other weights: rebuilt

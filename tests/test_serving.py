@@ -16,7 +16,7 @@ import torch
 from conftest import MINILM_DIR
 
 from handler import grpc_client
-from tracer.builder.hf_checkpoint import trace_checkpoint
+from tracer.builder.encoder_checkpoint import trace_checkpoint
 from tracer.engine.embedder import Embedder
 from tracer.errors import TextTooLongError
 

@@ -38,20 +38,22 @@ def _buckets(text: str) -> list[int]:
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="a Hugging Face checkpoint dir, a .gguf file, or 'minilm' / 'smollm2' (embedded). "
-                        "bert: embeddings; llama, qwen2: generation (default: minilm)")
+                   help="a Hugging Face checkpoint dir, a .gguf file, or 'minilm' / 'smollm2' (embedded); the "
+                        "family and task come from its config.json and sentence-transformers files (`python -m "
+                        "tracer models` lists them) (default: minilm)")
     p.add_argument("--tp-degree", type=int, required=True, help="tensor-parallel degree")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="sequence buckets (embeddings) or prompt-length buckets (generation), e.g. 16,32,64,128 "
                         "(default: 16, 32, 48, 64, 96, ... up to max_seq_length; for generation 16, 24, ... 64, "
                         "80, 96, 112, 128, 160, ... up to --max-context)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size each bucket is traced with: texts per call for packed embeddings (default: 1 "
-                        "for embeddings, 4 for generation)")
+                   help="batch size each bucket is traced with: texts (or query-document pairs) per call for "
+                        "packed encoders (default: 1 for embeddings, 8 for classification / rerank, 4 for "
+                        "generation)")
     p.add_argument("--layout", choices=["packed", "padded"], default=None,
-                   help="embeddings: packed (a batch's texts end to end, no padding computed; buckets are tokens "
+                   help="encoders: packed (a batch's texts end to end, no padding computed; buckets are tokens "
                         "per call) or padded (rows padded to a bucket length). Default: packed for "
-                        "sentence-transformers models, padded for a plain BERT")
+                        "sentence-transformers models and classifiers, padded for a plain encoder")
     p.add_argument("--max-context", type=int, default=None,
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
@@ -61,7 +63,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                         "with a float16 scale and minimum each: int8 (9/32 of fp32's bytes; holds GGUF Q8_0 / "
                         "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8). Embeddings: bf16 "
                         "(bfloat16 GEMMs: faster batches where the CPU has AMX / AVX-512 BF16) or int8 (faster "
-                        "single short texts); their cosine to fp32 in README")
+                        "single short texts); their cosine to fp32 in docs/serving.md")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +84,10 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=int, default=600, help="TorchServe startupTimeout in s")
     p.add_argument("--too-long", choices=["truncate", "reject"], default="truncate",
                    help="embeddings: a text over max_seq_length is truncated (as sentence-transformers) or 413")
-    p.add_argument("--max-inputs-per-request", type=int, default=64, help="embeddings: texts in one request")
+    p.add_argument("--max-inputs-per-request", type=int, default=64,
+                   help="encoders: texts in one request (embed, classify); more is 413")
+    p.add_argument("--max-documents-per-request", type=int, default=1000,
+                   help="rerankers: documents in one rerank request; more is 413")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="generation: tokens generated when a request does not say")
     p.add_argument("--continuous-batching", action="store_true",
@@ -95,7 +100,7 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m tracer", description=__doc__, formatter_class=_Help)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{trace,archive,build}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{trace,archive,build,models}",
                                      parser_class=_Parser)
     trace = commands.add_parser("trace", help="trace a checkpoint into tensor-parallel shards", formatter_class=_Help)
     _add_trace_args(trace)
@@ -107,13 +112,31 @@ def _parser() -> argparse.ArgumentParser:
     _add_trace_args(build)
     build.add_argument("--output", type=Path, default=None, help="shards directory (default: EXPORT_PATH/NAME.shards)")
     _add_archive_args(build)
+    commands.add_parser("models", help="list the model families and tasks --model takes", formatter_class=_Help)
     return parser
+
+
+def models_table() -> str:
+    """The families --model takes, by config.json's model_type, and what each is built for."""
+    from .models import registry
+
+    rows = [("model_type", *registry.TASKS)]
+    for model_type in sorted({*registry.ENCODERS, *registry.DECODER_EMBEDDERS, *registry.GENERATORS}):
+        tasks = registry.tasks(model_type)
+        rows.append((model_type, *("yes" if t in tasks else "-" for t in registry.TASKS)))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines + ["", "embedding: a sentence-transformers folder (every Pooling mode, Dense, Normalize, "
+                              "prompts) or a plain encoder (per-token hidden states); a decoder (llama, mistral, "
+                              "qwen2, qwen3) with a sentence-transformers folder embeds with last-token pooling.",
+                              "classification: *ForSequenceClassification checkpoints: rerankers (cross-encoders) "
+                              "and classifiers.", "generation: *ForCausalLM checkpoints and GGUF files."])
 
 
 def _check(args) -> None:
     """Every usage check of the command, before any work (UsageError)."""
     from .builder.archive import check_archive_args, check_shards
-    from .builder.hf_checkpoint import check_checkpoint, check_output_dir
+    from .builder.encoder_checkpoint import check_checkpoint, check_output_dir
     from .builder.model_source import model_kind, read_config, resolve_model
 
     if args.command in ("trace", "build"):
@@ -121,18 +144,20 @@ def _check(args) -> None:
             raise UsageError(f"--max-parallel-compilations must be >= 1, got {args.max_parallel_compilations}")
         args.model = resolve_model(args.model)
         args.config = read_config(args.model)  # the family first
-        args.kind = model_kind(args.config)
+        args.kind = model_kind(args.config, args.model)
         args.output = args.output or args.export_path / f"{args.model_name}.shards"
-        if args.kind == "embedding":
+        if args.kind in ("embedding", "classification"):
             if args.max_context is not None:
                 raise UsageError("--max-context is for generation models; embeddings read up to max_seq_length")
-            args.batch_size = 1 if args.batch_size is None else args.batch_size
+            # packed texts per call: a dynamic batch's texts (or a rerank request's pairs) in one call
+            if args.batch_size is None:
+                args.batch_size = 8 if args.kind == "classification" else 1
             _, args.buckets, _, args.layout = check_checkpoint(args.model, args.tp_degree, args.buckets,
                                                                args.batch_size, args.max_parallel_compilations,
                                                                args.layout, args.weights)
         else:
             if args.layout is not None:
-                raise UsageError("--layout is for embedding models")
+                raise UsageError("--layout is for embedding and classification models")
             from .builder.decoder_checkpoint import check_decoder
 
             check_decoder(args.model, args.config, args.tp_degree, args.buckets, args.batch_size, args.max_context,
@@ -153,7 +178,8 @@ def _settings(args):
                          workers=args.workers, threads_per_rank=args.threads_per_rank,
                          response_timeout_s=args.response_timeout,
                          startup_timeout_s=args.startup_timeout, too_long=args.too_long,
-                         max_inputs_per_request=args.max_inputs_per_request, max_new_tokens=args.max_new_tokens,
+                         max_inputs_per_request=args.max_inputs_per_request,
+                         max_documents_per_request=args.max_documents_per_request, max_new_tokens=args.max_new_tokens,
                          continuous_batching=args.continuous_batching)
 
 
@@ -161,8 +187,8 @@ def _run(args) -> None:
     shards = args.shards if args.command == "archive" else None
     if args.command in ("trace", "build"):
         started = time.time()
-        if args.kind == "embedding":
-            from .builder.hf_checkpoint import trace_checkpoint
+        if args.kind in ("embedding", "classification"):
+            from .builder.encoder_checkpoint import trace_checkpoint
 
             trace_checkpoint(args.model, args.tp_degree, args.buckets, args.output, args.batch_size,
                              args.max_parallel_compilations, layout=args.layout, weights=args.weights)
@@ -186,6 +212,9 @@ def _run(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "models":
+        print(models_table())
+        return 0
     try:
         _check(args)
     except UsageError as exc:

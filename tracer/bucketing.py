@@ -110,40 +110,48 @@ class SequenceLengthBucketKernel(nn.Module):
 
 
 class PackedTokensBucketKernel(nn.Module):
-    """Inputs [input_ids [T], positions [T], lengths [n]] of texts packed end to end: the smallest
-    bucket >= T tokens, ids and positions right-padded with 0 (tokens in no text: the model ignores
-    them), lengths padded with 0 to the `texts` every graph takes (absent texts)."""
+    """Inputs of texts packed end to end: `token_inputs` tensors [T] (input_ids, positions, token types,
+    the pooling mask), then one [n] (each text's length): the smallest bucket >= T tokens, the token
+    inputs right-padded with 0 (tokens in no text: the model ignores them), the lengths padded with 0
+    to the `texts` every graph takes (absent texts)."""
 
     buckets: List[int]  # noqa: UP006 - TorchScript reads class annotations, not list[int]
     texts: int
+    token_inputs: int
 
-    def __init__(self, buckets: Sequence[int], texts: int) -> None:
+    def __init__(self, buckets: Sequence[int], texts: int, token_inputs: int = 4) -> None:
         super().__init__()
-        self.buckets, self.texts = check_buckets(buckets), int(texts)
+        self.buckets, self.texts, self.token_inputs = check_buckets(buckets), int(texts), int(token_inputs)
 
     def forward(self, inputs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:  # noqa: UP006
-        if len(inputs) != 3 or inputs[0].dim() != 1 or inputs[1].dim() != 1 or inputs[2].dim() != 1:
-            raise ValueError("a packed encoder takes input_ids, positions [tokens], lengths [texts]")
-        tokens, count = inputs[0].size(0), inputs[2].size(0)
-        if inputs[1].size(0) != tokens:
-            raise ValueError(f"{inputs[1].size(0)} positions for {tokens} input_ids")
+        if len(inputs) != self.token_inputs + 1:
+            raise ValueError(f"a packed encoder takes {self.token_inputs} inputs [tokens] and lengths [texts]")
+        for x in inputs:
+            if x.dim() != 1:
+                raise ValueError(f"a packed encoder takes {self.token_inputs} inputs [tokens] and lengths [texts]")
+        tokens, count = inputs[0].size(0), inputs[-1].size(0)
+        for x in inputs[1:-1]:
+            if x.size(0) != tokens:
+                raise ValueError(f"an input of {x.size(0)} tokens beside {tokens} input_ids")
         if count > self.texts:
             raise ValueError(f"{count} texts exceed the {self.texts} one call takes")
         for index, bucket in enumerate(self.buckets):
             if tokens <= bucket:
-                padded = [torch.nn.functional.pad(inputs[0], [0, bucket - tokens]),
-                          torch.nn.functional.pad(inputs[1], [0, bucket - tokens]),
-                          torch.nn.functional.pad(inputs[2], [0, self.texts - count])]
+                padded: List[torch.Tensor] = []  # noqa: UP006
+                for x in inputs[:-1]:
+                    padded.append(torch.nn.functional.pad(x, [0, bucket - tokens]))
+                padded.append(torch.nn.functional.pad(inputs[-1], [0, self.texts - count]))
                 return padded, torch.tensor([index])
         raise ValueError(f"{tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
 
-def packed_tokens_bucket_kernel(buckets: Sequence[int], texts: int) -> Callable[..., torch.jit.ScriptModule]:
+def packed_tokens_bucket_kernel(buckets: Sequence[int], texts: int,
+                                token_inputs: int = 4) -> Callable[..., torch.jit.ScriptModule]:
     """A `bucket_kernel` factory for an encoder taking packed texts."""
-    PackedTokensBucketKernel(buckets, texts)
+    PackedTokensBucketKernel(buckets, texts, token_inputs)
 
     def factory(*_: Any) -> torch.jit.ScriptModule:
-        return torch.jit.script(PackedTokensBucketKernel(buckets, texts))
+        return torch.jit.script(PackedTokensBucketKernel(buckets, texts, token_inputs))
 
     return factory
 

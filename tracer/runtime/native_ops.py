@@ -150,12 +150,14 @@ def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
     return ops().cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale)
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Self-attention over texts packed end to end: q, k, v [tokens, heads, D]; text r is tokens
-    offsets[r] .. offsets[r + 1] - 1 and attends only to itself; tokens past offsets[-1] come back 0
-    (csrc/encoder_ops.cpp)."""
-    return ops().packed_attention(q, k, v, offsets, scale)
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float,
+                     left: int = -1, right: int = -1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention over texts packed end to end: q [tokens, heads, D], k, v [tokens, kv_heads, D]
+    (query head h reads kv head h // (heads / kv_heads)); text r is tokens offsets[r] .. offsets[r + 1] - 1
+    and attends only to itself; token t to keys s with t - left <= s <= t + right (-1: no limit; right=0
+    is causal); bias [heads, 2 M + 1] added per relative position s - t (clamped to +-M); tokens past
+    offsets[-1] come back 0 (csrc/encoder_ops.cpp)."""
+    return ops().packed_attention(q, k, v, offsets, scale, left, right, bias)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -47,17 +47,18 @@ inline __attribute__((target("avx2,fma"))) float exponentiate(float* scores, int
   return 1.0f / total;
 }
 
-// out[D] = softmax(q . keys[j] * scale over j < seen) . values; keys[j] at keys + j * stride (floats),
-// values likewise; scores: room for `seen` floats.
+// out[D] = softmax(q . keys[j] * scale (+ bias[j]) over j < seen) . values; keys[j] at keys + j * stride
+// (floats), values likewise; scores: room for `seen` floats; bias: null, or `seen` floats added to the
+// scores (an encoder's relative position bias).
 inline __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float* keys, const float* values,
                                                     int64_t stride, int64_t seen, int64_t D, float scale,
-                                                    float* scores, float* out) {
+                                                    float* scores, float* out, const float* bias = nullptr) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < seen; ++j) {
     const float* k = keys + j * stride;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-    scores[j] = tpserve_simd::horizontal_sum(acc) * scale;
+    scores[j] = tpserve_simd::horizontal_sum(acc) * scale + (bias ? bias[j] : 0.0f);
     top = std::max(top, scores[j]);
   }
   const float inv = exponentiate(scores, seen, top);
