@@ -5,6 +5,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 
 def median_ms(fn, runs: int = 50, warmup: int = 5) -> float:
@@ -73,13 +74,16 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(name: str, rows: list[dict], **extra) -> str:
-    """bench/results/NAME.json: the machine, the date, the commit and the rows (what bench.plots draws)."""
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(name: str, rows: list[dict], directory: Path = RESULTS, **extra) -> str:
+    """DIRECTORY/NAME.json (bench/results/ by default): the machine, the date, the commit and the rows
+    (what bench.plots draws)."""
     import datetime
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parent / "results" / f"{name}.json"
+    path = Path(directory) / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     record = {"benchmark": name, "machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "commit": commit(), **extra, "rows": rows}

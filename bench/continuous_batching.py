@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import table
+from bench.common import table, write_results
 from bench.generation import QUESTION, STORY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -104,6 +104,17 @@ def main(weights: str = "fp32") -> None:
     print(table([f"served SmolLM2 tp=1 {weights}", "per token ms (1 stream)",
                  "8-token request behind a 160-token stream, ms", "staggered: mean latency ms",
                  "staggered: all done ms"], rows))
+    print("wrote", write_results("continuous_batching", rows_of(results, weights), rounds=3))
+
+
+def rows_of(results: dict, weights: str) -> list[dict]:
+    """The table's rows (bench/results/continuous_batching.json): results maps each model of MODES
+    to its rounds' ms of "token", "short", "mean" and "wall"; the rows hold their medians."""
+    return [{"mode": MODES[model], "weights": weights, "tp": 1,
+             "per_token_ms": statistics.median(r["token"]),
+             "short_behind_long_ms": statistics.median(r["short"]),
+             "staggered_mean_latency_ms": statistics.median(r["mean"]),
+             "staggered_all_done_ms": statistics.median(r["wall"])} for model, r in results.items()]
 
 
 if __name__ == "__main__":

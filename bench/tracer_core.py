@@ -16,7 +16,7 @@ import torch
 from transformers import BertModel
 
 import tracer
-from bench.common import median_ms, table
+from bench.common import median_ms, table, write_results
 from tracer.models.bert import load_bert
 from tracer.runtime import collectives
 
@@ -64,8 +64,24 @@ def main() -> None:
         ["  per-request overhead of processes over threads", f"{t2_processes - t2:.1f}", ""],
     ]
     print(table(["MiniLM seq 128 batch 1, median of 50", "ms", "÷ tp=1"], rows))
+    print("wrote", write_results("tracer_core", rows_of(eager, t1, t2, coordination, dispatch, t2_processes),
+                                 seq=SEQ, batch=1, runs=RUNS))
     tp1.close()
     tp2.close()
+
+
+def rows_of(eager: float, t1: float, t2: float, coordination: float, dispatch: float,
+            t2_processes: float) -> list[dict]:
+    """The table's rows (bench/results/tracer_core.json): ms (medians of RUNS), and ÷ tp=1 where the table
+    has it."""
+    return [{"setup": setup, "ms": ms, "vs_tp1": None if base is None else ms / base} for setup, ms, base in (
+        ("eager Hugging Face BertModel (2 threads)", eager, t1),
+        ("traced tp=1 (2 intra-op threads)", t1, t1),
+        ("traced tp=2 (rank threads, 1 thread each)", t2, t1),
+        ("tp=2 coordination per request (collectives + dispatch)", coordination, None),
+        ("tp=2 executor dispatch to the ranks", dispatch, None),
+        ("traced tp=2, ranks as 2 gloo processes (executor='processes')", t2_processes, t1),
+        ("tp=2 per-request overhead of processes over threads", t2_processes - t2, None))]
 
 
 if __name__ == "__main__":
