@@ -204,7 +204,7 @@ def test_rope_parameters_equal_hugging_faces(tmp_path, rope_parameters):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from tracer.models.llama import rope_parameters as ours
+    from tracer.models.decoder import rope_parameters as ours
 
     extra = {} if rope_parameters is None else {"rope_parameters": {"rope_theta": 10000.0, **rope_parameters}}
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, **extra)

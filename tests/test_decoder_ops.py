@@ -148,3 +148,76 @@ def test_cached_attention_traces_as_one_op_that_writes_the_cache():
     assert "tpserve::cached_attention" in str(traced.graph) and "index_put" not in str(traced.graph)
     traced(torch.cat((x, 2 * x, 3 * x), -1), *no_turn, torch.tensor([1]), torch.tensor([[5]]))
     assert torch.equal(traced.cache_k[1, :, 5], 2 * x[0]) and torch.equal(traced.cache_v[1, :, 5], 3 * x[0])
+
+
+@pytest.mark.parametrize("simd", ["native", "avx2"])
+@pytest.mark.parametrize("window, rotary, qk_norm, d", [
+    (8, 64, False, 64),    # Mistral / Gemma 3's sliding layers: the last 8 positions only
+    (-1, 48, False, 64),   # Phi-3's partial rotary: the first 48 of 64 values turn
+    (-1, 128, True, 128),  # Qwen3's QK-norm, head size 128
+    (5, 32, True, 64),     # all at once
+])
+def test_cached_attention_windows_partial_rotary_and_qk_norm(window, rotary, qk_norm, d, simd, monkeypatch):
+    """The families' variations against the formulas: an RMS norm over each head of q and k first, a
+    rotation of the first `rotary` values, a mask keeping the last `window` positions."""
+    if simd == "avx2":
+        monkeypatch.setenv("TPSERVE_SIMD", "avx2")
+    g = torch.Generator().manual_seed(window + rotary)
+    b, length, heads, kv_index, context, rows = 2, 3, 4, [0, 0, 1, 1], 64, 4
+    cache_k, cache_v = torch.randn(rows, 2, context, d, generator=g), torch.randn(rows, 2, context, d, generator=g)
+    qkv = torch.randn(b, length, (heads + 4) * d, generator=g)
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([heads * d, 2 * d, 2 * d], -1))
+    angles = torch.rand(b, length, 1, rotary, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    q_norm, k_norm = (torch.rand(d, generator=g) + 0.5 for _ in range(2)) if qk_norm else (None, None)
+    if qk_norm:
+        q, k = _rms_norm(q, q_norm, 1e-6), _rms_norm(k, k_norm, 1e-6)
+
+    def turned(x):
+        return torch.cat((_rope(x[..., :rotary], cos, sin), x[..., rotary:]), -1)
+
+    slots, positions = torch.tensor([3, 1]), torch.tensor([[20, 21, 22], [40, 41, 42]])
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    rows_ = slots.unsqueeze(1).expand(positions.shape)
+    expected_k.transpose(1, 2).index_put_((rows_, positions), turned(k))
+    expected_v.transpose(1, 2).index_put_((rows_, positions), v)
+    keys = expected_k.index_select(0, slots).index_select(1, torch.tensor(kv_index))
+    values = expected_v.index_select(0, slots).index_select(1, torch.tensor(kv_index))
+    key = torch.arange(context).view(1, 1, -1)
+    seen = key <= positions.unsqueeze(-1)
+    if window > 0:
+        seen &= key > positions.unsqueeze(-1) - window
+    expected = F.scaled_dot_product_attention(turned(q).transpose(1, 2), keys, values, attn_mask=seen.unsqueeze(1))
+    expected = expected.transpose(1, 2).flatten(-2)
+    got = native_ops.cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, torch.tensor(kv_index),
+                                      context, d ** -0.5, window, q_norm, k_norm, 1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache_k, expected_k, rtol=1e-5, atol=1e-5)
+    fallback = native_ops.cached_attention(qkv.double(), cos.double(), sin.double(), cache_k.double(),
+                                           cache_v.double(), slots, positions, torch.tensor(kv_index), context,
+                                           d ** -0.5, window, None if q_norm is None else q_norm.double(),
+                                           None if k_norm is None else k_norm.double(), 1e-6)  # ATen
+    torch.testing.assert_close(fallback.float(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_rope_turns_only_the_first_values():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 64, generator=g)
+    angles = torch.rand(2, 5, 1, 48, generator=g) * 6
+    expected = torch.cat((_rope(x[..., :48], angles.cos(), angles.sin()), x[..., 48:]), -1)
+    torch.testing.assert_close(native_ops.rope(x, angles.cos(), angles.sin()), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native_ops.rope(x.double(), angles.cos().double(), angles.sin().double()),
+                               expected.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (2, 40, 1536), (3, 18)])
+def test_geglu_equals_the_formula(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    gate_up = torch.randn(*shape, generator=g) * 4
+    gate_up.view(-1)[:4] = torch.tensor([-100.0, 100.0, -9.0, 0.0])
+    gate, up = gate_up.chunk(2, -1)
+    expected = F.gelu(gate, approximate="tanh") * up
+    torch.testing.assert_close(native_ops.geglu(gate_up), expected, rtol=1e-5, atol=1e-5)
+    gate, up = gate_up.double().chunk(2, -1)  # ATen fallback
+    torch.testing.assert_close(native_ops.geglu(gate_up.double()), F.gelu(gate, approximate="tanh") * up)
+    assert not native_ops.geglu(gate_up).isnan().any()

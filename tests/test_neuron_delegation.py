@@ -51,7 +51,7 @@ DECODER_TP1 = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 from neuronx_distributed.parallel_layers import layers as nxd
-from tracer.models.llama import load_decoder
+from tracer.models.decoder import load_decoder
 
 directory = sys.argv[1]
 model, states = load_decoder(directory, {"max_batch": 1, "max_context": 16}, context=8)
@@ -86,7 +86,7 @@ DECODER_TP2_RANK1 = """
 import sys, torch
 from safetensors.torch import load_file
 from neuronx_distributed.parallel_layers import parallel_state
-from tracer.models.llama import load_decoder
+from tracer.models.decoder import load_decoder
 
 directory = sys.argv[1]
 parallel_state.set_rank(1, 2)

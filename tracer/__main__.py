@@ -58,12 +58,14 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="generation: prompt + generated tokens per sequence (default: 1024, or the model's limit)")
     p.add_argument("--max-parallel-compilations", type=int, default=None,
                    help="ranks traced at once (default: all)")
-    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4", "auto"], default=None,
                    help="generation: weight-only quantized linear layers and LM head, in groups of 32 weights "
                         "with a float16 scale and minimum each: int8 (9/32 of fp32's bytes; holds GGUF Q8_0 / "
-                        "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8). Embeddings: bf16 "
-                        "(bfloat16 GEMMs: faster batches where the CPU has AMX / AVX-512 BF16) or int8 (faster "
-                        "single short texts); their cosine to fp32 in docs/serving.md")
+                        "Q4_x blocks exactly), int4 (5/32: llama.cpp's Q4_1; the LM head int8), auto (a GGUF "
+                        "file's own precision per tensor: Q4_x / Q4_K as int4, Q5_x / Q6_K / Q8_0 as int8, floats "
+                        "fp32). Embeddings: bf16 (bfloat16 GEMMs: faster batches where the CPU has AMX / AVX-512 "
+                        "BF16) or int8 (faster single short texts); their cosine to fp32 in docs/serving.md "
+                        "(default: auto for a .gguf file, else fp32)")
 
 
 def _add_archive_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +144,8 @@ def _check(args) -> None:
     if args.command in ("trace", "build"):
         if args.max_parallel_compilations is not None and args.max_parallel_compilations < 1:
             raise UsageError(f"--max-parallel-compilations must be >= 1, got {args.max_parallel_compilations}")
+        gguf = args.model is not None and str(args.model).endswith(".gguf") or str(args.model) == "smollm2"
+        args.weights = args.weights or ("auto" if gguf else "fp32")
         args.model = resolve_model(args.model)
         args.config = read_config(args.model)  # the family first
         args.kind = model_kind(args.config, args.model)

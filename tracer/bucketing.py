@@ -167,7 +167,7 @@ def sequence_length_bucket_kernel(buckets: Sequence[int]) -> Callable[..., torch
 
 
 class DecoderBucketKernel(nn.Module):
-    """Buckets of a decoder (tracer/models/llama.py), inputs [input_ids, positions, slots, last]:
+    """Buckets of a decoder (tracer/models/decoder.py), inputs [input_ids, positions, slots, last]:
     several tokens per row (prefill) take the smallest prefill bucket >= their count, padded on the
     right with token 0 at the next positions (written to the cache past the prompt, never attended,
     overwritten as generation reaches them); one token per row (generation) takes the graph of its

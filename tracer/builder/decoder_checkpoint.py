@@ -1,6 +1,7 @@
-"""Trace a Hugging Face Llama-family checkpoint (LlamaForCausalLM, Qwen2ForCausalLM) into
-tensor-parallel shards for generation: prefill graphs bucketed by prompt length and generation
-graphs bucketed by context length, all of a rank sharing one copy of its weights and one KV cache.
+"""Trace a Hugging Face decoder checkpoint (a generation family of models/registry.py: Llama, Qwen2,
+Qwen3, Mistral, Gemma 3, Phi-3) into tensor-parallel shards for generation: prefill graphs bucketed by
+prompt length and generation graphs bucketed by context length, all of a rank sharing one copy of its
+weights and one KV cache.
 
 Checks come first (architecture before files), as for encoders; the manifest then covers the
 tokenizer too and carries what the generator needs (decoder shape, buckets, EOS ids).
@@ -17,14 +18,17 @@ import torch
 from .. import artifacts
 from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, powers_of_two, prompt_buckets
 from ..errors import UsageError
-from ..models.llama import ARCHITECTURES, DecoderConfig, load_decoder
+from ..models import registry
+from ..models.decoder import DecoderConfig, load_decoder
+from .gguf_import import TYPES_FILE
 from .shards import trace_into_shards
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 DEFAULT_BATCH = 4
 DEFAULT_MAX_CONTEXT = 1024
-WEIGHTS = ("fp32", "int8", "int4")  # weight-only, groups of 32 with a scale and minimum (layers.py)
+# weight-only, groups of 32 with a scale and minimum (cpu_layers.py); auto: a GGUF's own, per tensor
+WEIGHTS = ("fp32", "int8", "int4", "auto")
 
 
 def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[int] | None, batch_size: int | None,
@@ -34,20 +38,24 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
         raise UsageError(f"{model_dir}: no model.safetensors (decoders are read from one safetensors file)")
     if tp_degree < 1:
         raise UsageError(f"--tp-degree must be >= 1, got {tp_degree}")
+    hf = hf_config(model_dir, config)
+    positions = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     if max_context is None:
-        max_context = min(DEFAULT_MAX_CONTEXT, config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT))
-    if not 2 <= max_context <= config.get("max_position_embeddings", max_context):
-        raise UsageError(f"--max-context must be in [2, max_position_embeddings="
-                         f"{config.get('max_position_embeddings')}], got {max_context}")
+        max_context = min(DEFAULT_MAX_CONTEXT, positions)
+    if not 2 <= max_context <= positions:
+        raise UsageError(f"--max-context must be in [2, max_position_embeddings={positions}], got {max_context}")
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if weights not in WEIGHTS:
         raise UsageError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "auto" and not (model_dir / TYPES_FILE).is_file():
+        raise UsageError("--weights auto keeps a GGUF file's own quantization: give --model a .gguf file")
     try:
-        decoder = DecoderConfig.from_hf(config, max_batch=batch_size, max_context=max_context, weights=weights)
-    except KeyError as exc:
-        raise UsageError(f"{model_dir}/config.json: missing {exc}") from None
+        decoder = DecoderConfig(**registry.generator(config["model_type"]).config(hf), max_batch=batch_size,
+                                max_context=max_context, weights=weights)
+    except (KeyError, AttributeError, ValueError) as exc:
+        raise UsageError(f"{model_dir}/config.json: {exc}") from None
     for name, size in (("intermediate_size", decoder.intermediate_size), ("vocab_size", decoder.vocab_size)):
         if size % tp_degree:
             raise UsageError(f"--tp-degree {tp_degree} does not divide {name}={size}")
@@ -61,6 +69,14 @@ def check_decoder(model_dir: Path, config: dict, tp_degree: int, prefill: list[i
         raise UsageError(f"--buckets: {prefill[-1]} exceeds --max-context {max_context}")
     contexts = powers_of_two(min(128, max_context), max_context)
     return decoder, prefill, contexts
+
+
+def hf_config(model_dir: Path, config: dict):
+    """The checkpoint's config as transformers reads it (older keys normalised; a multimodal config's
+    text part)."""
+    from transformers import AutoConfig
+
+    return registry.generator(config["model_type"]).text_config(AutoConfig.from_pretrained(str(model_dir)))
 
 
 # Up to how many rows tpserve::linear sums each row as it sums a row alone (csrc/linear.cpp: from 9 rows
@@ -107,7 +123,7 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
         BucketModelConfig(decoder_bucket_kernel(prefill, contexts, rows), func_kwargs=kwargs), tp_degree,
         max_parallel_compilations, model_dir, output, TOKENIZER_FILES, {
             "kind": "generation",
-            "architecture": ARCHITECTURES[config["model_type"]],
+            "architecture": registry.generator(config["model_type"]).architecture,
             "decoder": vars(decoder),
             "prefill_buckets": prefill,
             "context_buckets": contexts,

@@ -58,7 +58,8 @@ def read_config(model_dir: Path) -> dict:
     if config["model_type"] in registry.GENERATORS and not (model_dir / "modules.json").is_file():
         required = ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
                     "num_hidden_layers", "vocab_size")
-        missing = [k for k in required if not isinstance(config.get(k), int)]
+        text = config.get("text_config") or config  # a multimodal checkpoint's language model (Gemma 3 4B+)
+        missing = [k for k in required if not isinstance(text.get(k), int)]
         if missing:
             raise UsageError(f"{file}: missing or non-integer {', '.join(missing)}")
     return config

@@ -1,4 +1,4 @@
-"""Token generation with a traced decoder (tracer/models/llama.py): prefill each prompt into its own
+"""Token generation with a traced decoder (tracer/models/decoder.py): prefill each prompt into its own
 cache row, then generate one token per row per step, all rows of a batch together.
 
 Rows are independent: each has its cache row (slot), its positions and its own seeded sampler, so a

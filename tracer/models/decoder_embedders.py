@@ -5,9 +5,9 @@ KV cache and no LM head; the sentence is pooled from the hidden states after the
 
 from __future__ import annotations
 
+from .decoder import rope_of
 from .encoder import EncoderConfig
 from .family import EncoderFamily
-from .llama import rope_of
 
 
 def config(hf) -> EncoderConfig:

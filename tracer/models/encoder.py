@@ -29,7 +29,7 @@ from ..parallel_layers.backend import project
 from ..parallel_layers.cpu_layers import FusedLinear
 from ..parallel_layers.heads import HeadLayout, head_column_linear, head_parameter, head_row_linear
 from ..runtime import native_ops
-from .llama import RMSNorm
+from .decoder import RMSNorm
 
 ACTIVATIONS = {
     "gelu": F.gelu,

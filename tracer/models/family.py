@@ -54,3 +54,18 @@ class EncoderFamily:
             full = f"{prefix}{name.format(i=layer)}.{leaf}"
             out[key] = full if rows is None else (full, *rows)
         return out
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """A generation family over the one decoder (models/decoder.py): its DecoderConfig fields from the
+    Hugging Face config, its rotary tables, what its checkpoint calls the weights that are not named as
+    Llama's (fused projections as row ranges), and its checkpoint keys of no use."""
+
+    name: str
+    architecture: str                                # the *ForCausalLM the manifest names
+    config: Callable[[object], dict]                 # DecoderConfig's fields (not the build's)
+    rotaries: Callable[[object, object], list]       # (hf config, DecoderConfig) -> [Rotary], one per kind
+    names: Callable[[object], dict] = lambda c: {}   # our key -> the checkpoint's, or (its key, first row, rows)
+    unused: tuple[str, ...] = ()
+    text_config: Callable[[object], object] = lambda hf: hf  # a multimodal config's text part (Gemma 3 4B+)

@@ -13,7 +13,9 @@ ENCODERS = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "x
 # decoders that serve embeddings from a sentence-transformers folder (last-token pooling)
 DECODER_EMBEDDERS = {"llama": "decoder_embedders", "mistral": "decoder_embedders", "qwen2": "decoder_embedders",
                      "qwen3": "decoder_embedders"}
-GENERATORS = ("llama", "qwen2")  # models/llama.py
+# model_type -> the module holding its DecoderFamily (generation)
+GENERATORS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma3_text": "gemma3",
+              "gemma3": "gemma3", "phi3": "phi3"}
 
 TASKS = ("embedding", "classification", "generation")
 
@@ -41,3 +43,8 @@ def family(model_type: str):
     """The EncoderFamily of an encoder or decoder-embedder model_type."""
     module = ENCODERS.get(model_type) or DECODER_EMBEDDERS[model_type]
     return importlib.import_module(f"{__package__}.{module}").FAMILY
+
+
+def generator(model_type: str):
+    """The DecoderFamily of a generation model_type."""
+    return importlib.import_module(f"{__package__}.{GENERATORS[model_type]}").FAMILY

@@ -79,7 +79,7 @@ class _LinearLayer(_ParallelLayer):
         Call after the checkpoint is loaded."""
         self.weight = nn.Parameter(self.weight.detach().to(torch.bfloat16), requires_grad=False)
 
-    def quantize(self, bits: int, input_bits: int = 16) -> None:
+    def quantize(self, bits: int, input_bits: int = 16, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Weight-only int8 or int4 in groups of 32 input features, each group with a float16 scale and
         minimum (w = scale * q + minimum; q in 0..255 or 0..15: llama.cpp's Q4_1 / Q8_0 blocks), laid
         out as csrc/quantized_blocks.h reads them. Call after the checkpoint is loaded; the fp32 weight
@@ -88,7 +88,10 @@ class _LinearLayer(_ParallelLayer):
         grid is the one that holds the group best: from its minimum to its maximum, or (int8) symmetric
         around zero (absmax / 127), which holds a GGUF Q8_0 block exactly where min-max would not.
         input_bits: what the kernel rounds each group of inputs to, 16 (generation) or 8 (the encoder:
-        half the integer work on many rows; native_ops.linear_int8)."""
+        half the integer work on many rows; native_ops.linear_int8). grid: each group's (scale, minimum)
+        [rows, features / 32] where the weights came on a grid of their own (a GGUF file's blocks:
+        builder/gguf_grids.py): the weights go onto it (as float16 holds it) instead of a grid of ours;
+        a group whose scale is 0 (a padding head) takes ours."""
         weight = self.weight.detach()
         rows, features = weight.shape
         if features % 32:
@@ -97,6 +100,9 @@ class _LinearLayer(_ParallelLayer):
         if groups.abs().amax() > 60000:
             raise ValueError(f"int{bits} weights are stored with float16 scales: |weight| must stay below 60000")
         top = 2**bits - 1
+        if grid is not None:
+            given, start = _half(grid[0]), _half(grid[1])
+            given_q = torch.round((groups - start.unsqueeze(-1)) / _nonzero(given).unsqueeze(-1)).clamp(0, top)
         minimum = _half(groups.amin(-1))  # the grid as stored, so that q is rounded against it
         scale = _nonzero(_half((groups.amax(-1) - minimum) / top))  # a constant group: q = 0, w = minimum
         q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, top)
@@ -108,6 +114,10 @@ class _LinearLayer(_ParallelLayer):
             sym = error_sym < error
             q = torch.where(sym.unsqueeze(-1), q_sym, q)
             scale, minimum = torch.where(sym, step, scale), torch.where(sym, -128 * step, minimum)
+        if grid is not None:
+            use = given > 0
+            q = torch.where(use.unsqueeze(-1), given_q, q)
+            scale, minimum = torch.where(use, given, scale), torch.where(use, start, minimum)
         q, scale, minimum = native_ops.quantized_blocks(q.to(torch.uint8).reshape(rows, features), scale.half(),
                                                         minimum.half(), bits)  # the kernels' blocks of 16 rows
         del self.weight
@@ -136,6 +146,10 @@ class FusedLinear(_LinearLayer):
     def __init__(self, parts: list[_LinearLayer]) -> None:
         super().__init__()
         self.sizes = [part.weight.shape[0] for part in parts]
+        grids = [getattr(part, "grid", None) for part in parts]  # a GGUF's grids (LinearLayer.quantize)
+        if all(g is not None for g in grids):
+            self.grid = tuple(torch.cat([g[i] for g in grids]) for i in range(2))
+            self.grid_bits = max(part.grid_bits for part in parts)
         self.weight = nn.Parameter(torch.cat([part.weight.detach() for part in parts]), requires_grad=False)
         biases = [part.bias for part in parts]
         self.bias = None

@@ -140,14 +140,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor,
-                     context: int, scale: float) -> torch.Tensor:
+                     context: int, scale: float, window: int = -1, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Attention of new tokens over the KV cache, one op: qkv [b, L, (heads + 2 KV heads) * D] (a fused
-    q/k/v projection's output) split, q and k rotated (rope's cos, sin [b, L, 1, D]), the new keys and
-    values written in place into the caches [rows, KV heads, max_context, D] at (slots[i],
-    positions[i, l]), then softmax(q k^T * scale) v over the first `context` positions of each row's
-    cache row, causal by position, query head h reading KV head kv_index[h] -> [b, L, heads * D]; the
-    caches read where they lie (csrc/decoder_ops.cpp)."""
-    return ops().cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale)
+    q/k/v projection's output) split, each head of q and k RMS-normalized where q_norm / k_norm [D] are
+    given, rotated (rope's cos, sin [b, L, 1, R]: the first R of D values), the new keys and values written
+    in place into the caches [rows, KV heads, max_context, D] at (slots[i], positions[i, l]), then
+    softmax(q k^T * scale) v over the first `context` positions of each row's cache row, causal by
+    position (window W > 0: the last W positions only), query head h reading KV head kv_index[h] ->
+    [b, L, heads * D]; the caches read where they lie (csrc/decoder_ops.cpp)."""
+    return ops().cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale, window,
+                                  q_norm, k_norm, eps)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float,
@@ -166,7 +169,13 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return ops().swiglu(gate_up)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin for x [b, L, heads, D], cos / sin [b, L, 1, D], as one op
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for gate_up [..., 2 I] (Gemma's gated MLP) -> [..., I], one op
     (csrc/decoder_ops.cpp)."""
+    return ops().geglu(gate_up)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [b, L, heads, D], cos / sin [b, L, 1, R] (R <= D: the first R
+    values turn, a partial rotary), as one op (csrc/decoder_ops.cpp)."""
     return ops().rope(x, cos, sin)

@@ -1,4 +1,4 @@
-// tpserve::rms_norm, tpserve::rope, tpserve::cached_attention and tpserve::swiglu: a decoder layer's RMS
+// tpserve::rms_norm, tpserve::rope, tpserve::cached_attention and tpserve::swiglu / geglu: a decoder layer's RMS
 // normalisation, rotary embedding, attention over the KV cache (with q/k rotation and the cache write)
 // and gated activation as one op each instead of 6, 7, ~15 and 3 ATen ops. A generation step runs 60,
 // 30 and 30 of them on a few hundred numbers each, where dispatching the small ops, not the arithmetic,
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "attend.h"
@@ -61,42 +62,67 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-// Llama's rotary embedding of one head's D values (rope's formula): out = x * cos + rotate_half(x) * sin.
-inline void rotate(const float* x, const float* c, const float* s, int64_t D, float* out) {
-  const int64_t half = D / 2;
+// Llama's rotary embedding of one head's D values (rope's formula): out = x * cos + rotate_half(x) * sin
+// over its first R values (cos, sin: R each; R = D but for a partial rotary, Phi-3's), the rest copied.
+inline void rotate(const float* x, const float* c, const float* s, int64_t R, int64_t D, float* out) {
+  const int64_t half = R / 2;
   for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] - x[d + half] * s[d];
-  for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
+  for (int64_t d = half; d < R; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
+  std::copy(x + R, x + D, out + R);
 }
 
-// x * cos + rotate_half(x) * sin for x [b, L, heads, D] and cos, sin [b, L, 1, D] (one angle set per
-// token, shared by its heads); rotate_half(x) = cat(-x[D/2:], x[:D/2]).
+// rope's formula in ATen ops, over x's first cos.size(-1) values.
+at::Tensor rope_formula(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t R = cos.size(-1), half = R / 2;
+  const at::Tensor turned = x.narrow(-1, 0, R);
+  const at::Tensor rotated = turned * cos + at::cat({-turned.narrow(-1, half, half), turned.narrow(-1, 0, half)}, -1) * sin;
+  return R == x.size(-1) ? rotated : at::cat({rotated, x.narrow(-1, R, x.size(-1) - R)}, -1);
+}
+
+// x * cos + rotate_half(x) * sin for x [b, L, heads, D] and cos, sin [b, L, 1, R] (one angle set per
+// token, shared by its heads; R <= D: only the first R values turn); rotate_half(x) = cat(-x[R/2:R], x[:R/2]).
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const bool fast = x.device().is_cpu() && x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
-                    sin.scalar_type() == at::kFloat && x.dim() == 4 && x.size(-1) % 2 == 0 &&
+                    sin.scalar_type() == at::kFloat && x.dim() == 4 && cos.size(-1) % 2 == 0 &&
                     cos.sizes() == sin.sizes() && cos.dim() == 4 && cos.size(0) == x.size(0) &&
-                    cos.size(1) == x.size(1) && cos.size(2) == 1 && cos.size(3) == x.size(3) && !x.requires_grad();
-  if (!fast) {
-    const int64_t half = x.size(-1) / 2;
-    return x * cos + at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1) * sin;
-  }
+                    cos.size(1) == x.size(1) && cos.size(2) == 1 && cos.size(3) <= x.size(3) && !x.requires_grad();
+  if (!fast) return rope_formula(x, cos, sin);
   const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor y = at::empty_like(xc);
-  const int64_t tokens = x.size(0) * x.size(1), heads = x.size(2), D = x.size(3);
+  const int64_t tokens = x.size(0) * x.size(1), heads = x.size(2), D = x.size(3), R = cos.size(3);
   const float *xp = xc.data_ptr<float>(), *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t h = 0; h < heads; ++h)
-      rotate(xp + (t * heads + h) * D, cp + t * D, sp + t * D, D, yp + (t * heads + h) * D);
+      rotate(xp + (t * heads + h) * D, cp + t * R, sp + t * R, R, D, yp + (t * heads + h) * D);
   return y;
+}
+
+// One head's D values RMS-normalized (a QK-norm: Qwen3's, Gemma 3's) into out; weight null: copied.
+inline void head_norm(const float* x, const float* weight, float eps, int64_t D, float* out) {
+  if (weight == nullptr) {
+    std::copy_n(x, D, out);
+    return;
+  }
+  double squares = 0.0;
+  for (int64_t d = 0; d < D; ++d) squares += static_cast<double>(x[d]) * x[d];
+  const float inv = 1.0f / std::sqrt(static_cast<float>(squares / D) + eps);
+  for (int64_t d = 0; d < D; ++d) out[d] = weight[d] * (x[d] * inv);
 }
 
 // cached_attention's formula in ATen ops (other dtypes and devices).
 at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                              at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
-                             const at::Tensor& kv_index, int64_t context, double scale) {
+                             const at::Tensor& kv_index, int64_t context, double scale, int64_t window,
+                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                             double eps) {
   const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
   const std::vector<at::Tensor> parts = qkv.split_with_sizes({H * D, KV * D, KV * D}, -1);
-  const at::Tensor q = rope(parts[0].unflatten(-1, {H, D}), cos, sin), k = rope(parts[1].unflatten(-1, {KV, D}), cos, sin);
+  const auto normed = [&](const at::Tensor& x, const std::optional<at::Tensor>& w) {
+    return w ? *w * (x * at::rsqrt(x.pow(2).mean(-1, true) + eps)) : x;
+  };
+  const at::Tensor q = rope(normed(parts[0].unflatten(-1, {H, D}), q_norm), cos, sin);
+  const at::Tensor k = rope(normed(parts[1].unflatten(-1, {KV, D}), k_norm), cos, sin);
   const at::Tensor v = parts[2].unflatten(-1, {KV, D});
   const at::Tensor rows = slots.unsqueeze(1).expand(positions.sizes());
   cache_k.transpose(1, 2).index_put_({rows, positions}, k);
@@ -104,33 +130,47 @@ at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const
   const at::Tensor keys = cache_k.index_select(0, slots).narrow(2, 0, context).index_select(1, kv_index);
   const at::Tensor values = cache_v.index_select(0, slots).narrow(2, 0, context).index_select(1, kv_index);
   at::Tensor scores = at::einsum("blhd,bhcd->bhlc", {q, keys}) * scale;
-  const at::Tensor seen = at::arange(context, positions.options()).view({1, 1, -1}) <= positions.unsqueeze(-1);
+  const at::Tensor key = at::arange(context, positions.options()).view({1, 1, -1});
+  at::Tensor seen = key <= positions.unsqueeze(-1);
+  if (window > 0) seen = seen.logical_and(key > positions.unsqueeze(-1) - window);
   scores = scores.masked_fill(seen.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
   return at::einsum("bhlc,bhcd->blhd", {at::softmax(scores, -1), values}).flatten(-2);
 }
 
-// qkv [b, L, (H + 2 KV) D]: one fused projection's q, k and v for each of b rows' L new tokens. Rotates q and
-// k (rope's cos, sin [b, L, 1, D]), writes the rotated keys and the values in place at cache_k/v[slots[i],
-// positions[i, l]], then returns softmax(q k^T * scale) v [b, L, H D] for each query token over the first
-// `context` positions of its cache row, causal by position (key j is seen by a token at position p when
-// j <= p): caches [rows, KV, max_context, D], slots [b] (the cache row of each of qkv's rows), positions
-// [b, L], kv_index [H] (the KV head each query head reads). One op for what took a split, two rotations,
-// a cache write, a gather of the rows, a mask and SDPA; the caches are read where they lie.
+// qkv [b, L, (H + 2 KV) D]: one fused projection's q, k and v for each of b rows' L new tokens. Normalizes
+// each head of q and k where q_norm / k_norm [D] are given (QK-norm), rotates them (rope's cos, sin
+// [b, L, 1, R]: the first R of D values turn), writes the rotated keys and the values in place at
+// cache_k/v[slots[i], positions[i, l]], then returns softmax(q k^T * scale) v [b, L, H D] for each query
+// token over the first `context` positions of its cache row, causal by position (key j is seen by a
+// token at position p when j <= p, and, with a window W > 0, p - W < j: a sliding-window layer):
+// caches [rows, KV, max_context, D], slots [b] (the cache row of each of qkv's rows), positions [b, L],
+// kv_index [H] (the KV head each query head reads). One op for what took a split, two rotations, a
+// cache write, a gather of the rows, a mask and SDPA; the caches are read where they lie.
 at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
-                            const at::Tensor& kv_index, int64_t context, double scale) {
+                            const at::Tensor& kv_index, int64_t context, double scale, int64_t window,
+                            const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                            double eps) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "cached_attention: caches [rows, KV, context, D]");
   const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(-1) == (H + 2 * KV) * D, "cached_attention: qkv must be [b, L, ",
               (H + 2 * KV) * D, "] for ", H, " heads and ", KV, " KV heads of ", D);
-  const int64_t B = qkv.size(0), L = qkv.size(1);
+  const int64_t B = qkv.size(0), L = qkv.size(1), R = cos.size(-1);
+  const auto norm_ok = [&](const std::optional<at::Tensor>& w) {
+    return !w || (w->scalar_type() == at::kFloat && w->numel() == D && w->is_contiguous());
+  };
   const bool fast = qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
                     cache_v.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
-                    sin.scalar_type() == at::kFloat && cos.numel() == B * L * D && sin.numel() == B * L * D &&
+                    sin.scalar_type() == at::kFloat && R <= D && R % 2 == 0 && cos.numel() == B * L * R &&
+                    sin.numel() == B * L * R && norm_ok(q_norm) && norm_ok(k_norm) &&
                     cache_k.is_contiguous() && cache_v.is_contiguous() && D % 8 == 0 && context <= cache_k.size(2) &&
                     slots.numel() == B && positions.sizes() == qkv.sizes().slice(0, 2) && !qkv.requires_grad() &&
                     tpserve_simd::cpu_has_avx2_fma();
-  if (!fast) return attention_formula(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale);
+  if (!fast)
+    return attention_formula(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale, window, q_norm,
+                             k_norm, eps);
+  const float* qw = q_norm ? q_norm->data_ptr<float>() : nullptr;
+  const float* kw = k_norm ? k_norm->data_ptr<float>() : nullptr;
   const at::Tensor x = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const at::Tensor kvi = kv_index.to(at::kLong).contiguous();
@@ -142,11 +182,13 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const float *xp = x.data_ptr<float>(), *cp = cc.data_ptr<float>(), *snp = sc.data_ptr<float>();
   // the new tokens' keys (rotated) and values into their cache rows: O(new tokens)
   float *kc = cache_k.data_ptr<float>(), *vc = cache_v.data_ptr<float>();
+  std::vector<float> normed(D);
   for (int64_t i = 0; i < B * L; ++i) {
     const float* token = xp + i * width;
     for (int64_t h = 0; h < KV; ++h) {
       const int64_t at = ((sp[i / L] * KV + h) * C + pp[i]) * D;
-      rotate(token + (H + h) * D, cp + i * D, snp + i * D, D, kc + at);
+      head_norm(token + (H + h) * D, kw, static_cast<float>(eps), D, normed.data());
+      rotate(normed.data(), cp + i * R, snp + i * R, R, D, kc + at);
       std::copy_n(token + (H + KV + h) * D, D, vc + at);
     }
   }
@@ -182,23 +224,26 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t tasks = B * L * static_cast<int64_t>(runs.size());
   const int64_t grain = parallel ? 1 : tasks;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(limit) * context), q(static_cast<size_t>(limit) * D);
+    std::vector<float> scores(static_cast<size_t>(limit) * context), q(static_cast<size_t>(limit) * D), n(D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t token = t / static_cast<int64_t>(runs.size()), row = token / L;
       const auto [first, heads] = runs[t % runs.size()];
-      for (int g = 0; g < heads; ++g)
-        rotate(xp + token * width + (first + g) * D, cp + token * D, snp + token * D, D, q.data() + g * D);
-      // positions are checked >= 0 above, so every token sees at least key 0; all `context` keys at
-      // or past the window's end
+      for (int g = 0; g < heads; ++g) {
+        head_norm(xp + token * width + (first + g) * D, qw, static_cast<float>(eps), D, n.data());
+        rotate(n.data(), cp + token * R, snp + token * R, R, D, q.data() + g * D);
+      }
+      // positions are checked >= 0 above, so every token sees at least its own key; keys lo .. seen - 1
+      // (all `context` keys at or past the window's end; a sliding layer's last W)
       const int64_t seen = std::min<int64_t>(context, pp[token] + 1);
-      const int64_t base = (sp[row] * KV + kp[first]) * C * D;  // the KV head's keys, one after another
+      const int64_t lo = window > 0 ? std::min(seen - 1, std::max<int64_t>(0, pp[token] - window + 1)) : 0;
+      const int64_t base = (sp[row] * KV + kp[first]) * C * D + lo * D;  // the KV head's keys, one after another
       float* dst = op + token * H * D + first * D;
       if (grouped) {
-        tpserve_attend::group_kernel(heads, D)(q.data(), kc + base, vc + base, D, seen, static_cast<float>(scale),
+        tpserve_attend::group_kernel(heads, D)(q.data(), kc + base, vc + base, D, seen - lo, static_cast<float>(scale),
                                                scores.data(), dst);
       } else {
         for (int g = 0; g < heads; ++g)
-          tpserve_attend::attend_one(q.data() + g * D, kc + base, vc + base, D, seen, D,
+          tpserve_attend::attend_one(q.data() + g * D, kc + base, vc + base, D, seen - lo, D,
                                      static_cast<float>(scale), scores.data(), dst + g * D);
       }
     }
@@ -224,12 +269,35 @@ __attribute__((target("avx2,fma"))) void swiglu_rows(const float* x, int64_t row
   }
 }
 
-at::Tensor swiglu(const at::Tensor& gate_up) {
+// gelu_tanh(gate) * up (Gemma's GeGLU) for gate_up [..., 2 I]: [..., I], one op for a split, a tanh-GELU
+// and a product; gelu_tanh(x) = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), as
+// 0.5 x (1 + tanh(u)) (the same to ~1e-7).
+__attribute__((target("avx2,fma"))) void geglu_rows(const float* x, int64_t rows, int64_t I, float* y) {
+  const __m256 one = _mm256_set1_ps(1.0f), limit = _mm256_set1_ps(88.0f);
+  const __m256 k = _mm256_set1_ps(-2.0f * 0.7978845608028654f), cube = _mm256_set1_ps(0.044715f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *gate = x + r * 2 * I, *up = gate + I;
+    float* out = y + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gate + i);
+      const __m256 u = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(cube, g), _mm256_mul_ps(g, g), g));  // -2u
+      const __m256 e = tpserve_attend::exp8(_mm256_min_ps(u, limit));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < I; ++i) {
+      const float g = gate[i], u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      out[i] = 0.5f * g * (1.0f + std::tanh(u)) * up[i];
+    }
+  }
+}
+
+at::Tensor gated(const at::Tensor& gate_up, bool gelu) {
   const int64_t I = gate_up.size(-1) / 2;
   if (!gate_up.device().is_cpu() || gate_up.scalar_type() != at::kFloat || gate_up.size(-1) % 2 ||
       gate_up.requires_grad() || !tpserve_simd::cpu_has_avx2_fma()) {
     const std::vector<at::Tensor> parts = gate_up.chunk(2, -1);
-    return at::silu(parts[0]) * parts[1];
+    return (gelu ? at::gelu(parts[0], "tanh") : at::silu(parts[0])) * parts[1];
   }
   const at::Tensor x = gate_up.contiguous();
   std::vector<int64_t> shape = x.sizes().vec();
@@ -238,10 +306,14 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   const int64_t rows = x.numel() / std::max<int64_t>(1, 2 * I);
   // prompts: rows split over the threads (a generation step's few rows stay on one)
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
-    swiglu_rows(x.data_ptr<float>() + begin * 2 * I, end - begin, I, y.data_ptr<float>() + begin * I);
+    (gelu ? geglu_rows : swiglu_rows)(x.data_ptr<float>() + begin * 2 * I, end - begin, I, y.data_ptr<float>() + begin * I);
   });
   return y;
 }
+
+at::Tensor geglu(const at::Tensor& gate_up) { return gated(gate_up, true); }
+
+at::Tensor swiglu(const at::Tensor& gate_up) { return gated(gate_up, false); }
 
 }  // namespace
 
@@ -249,13 +321,16 @@ TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("geglu(Tensor gate_up) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
-        "Tensor positions, Tensor kv_index, int context, float scale) -> Tensor");
+        "Tensor positions, Tensor kv_index, int context, float scale, int window=-1, Tensor? q_norm=None, "
+        "Tensor? k_norm=None, float eps=1e-6) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) {
   m.impl("rms_norm", TORCH_FN(rms_norm));
   m.impl("rope", TORCH_FN(rope));
   m.impl("swiglu", TORCH_FN(swiglu));
+  m.impl("geglu", TORCH_FN(geglu));
   m.impl("cached_attention", TORCH_FN(cached_attention));
 }
