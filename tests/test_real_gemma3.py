@@ -37,17 +37,18 @@ def gemma(tmp_path_factory):
     return directory, tokenizer, hf, prompts, greedy
 
 
-def _generator(directory, tp, shards, weights, max_context):
+def _generator(directory, tp, shards, weights, max_context, batch_size):
     """Few graphs, for the test's time: prompts of up to 16 tokens, steps up to max_context positions."""
     config = json.loads((directory / "config.json").read_text())
-    trace_decoder(directory, config, tp, shards, prefill=[16], max_context=max_context, batch_size=2, weights=weights)
+    trace_decoder(directory, config, tp, shards, prefill=[16], max_context=max_context, batch_size=batch_size,
+                  weights=weights)
     return Generator(shards)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_greedy_tokens_equal_hugging_face_in_fp32(gemma, tp, tmp_path):
     directory, tokenizer, _, prompts, greedy = gemma
-    generator = _generator(directory, tp, tmp_path / "shards", "fp32", 64)
+    generator = _generator(directory, tp, tmp_path / "shards", "fp32", 64, 2)
     try:
         got = [c.token_ids for c in generator.generate(prompts, SamplingParams(max_new_tokens=32))]
     finally:
@@ -97,7 +98,7 @@ def test_the_file_s_own_quantization_keeps_its_blocks_grids(gemma, tmp_path):
     reference = logits.argmax(-1).tolist()
     hf_perplexity = math.exp(-torch.log_softmax(logits, -1)[torch.arange(len(text) - 1), torch.tensor(text[1:])]
                              .mean().item())
-    generator = _generator(directory, 2, tmp_path / "shards", "auto", 512)
+    generator = _generator(directory, 2, tmp_path / "shards", "auto", 512, 1)
     try:
         top1, logprobs = generator.teacher_forced(text[:1], text[1:])
     finally:
