@@ -34,8 +34,8 @@ from pathlib import Path
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import openai_api
-from handler.generation_requests import GenerationRequest, answer, parse_generation
+from handler import generation_metrics, openai_api
+from handler.generation_requests import GenerationRequest, answer, native_logprobs, parse_generation
 from handler.openai_api import CHAT, COMPLETIONS, MODELS, NATIVE
 from handler.openai_generation import final_answer, parse_openai_generation, stream_event
 from handler.request_parsing import RequestError, request_body
@@ -47,6 +47,7 @@ from tracer.errors import ArtifactError, GenerationRequestError, last_line
 
 logger = logging.getLogger(__name__)
 STREAM_TYPE = "application/jsonl"
+PREFILL_CHUNK = 256
 EVENT_STREAM_TYPE = "text/event-stream"
 
 
@@ -61,21 +62,27 @@ class GenerationHandler(BaseHandler):
         threads = threads_per_rank(config)
         try:
             self.generator = Generator(model_dir, tp_degree=settings.get("tp_degree"), executor=executor,
-                                       threads_per_rank=threads)
+                                       threads_per_rank=threads,
+                                       prefix_caching=bool(settings.get("prefix_caching", True)))
         except ArtifactError as exc:
             logger.error("tpserve: refusing to load %s: %s: %s", model_dir.name, type(exc).__name__, exc)
             raise
         self.max_new_tokens = int(settings.get("max_new_tokens", 256))
+        self.generator.prompt_lookup = bool(settings.get("prompt_lookup", self.generator.prompt_lookup))
         self.continuous = bool(config.get("continuousBatching"))
         self.generator.warm_up()
-        self.batch = RunningBatch(self.generator)
+        # continuous batching: a prompt prefilled this many tokens per step, so a long one does not stall
+        # the running streams for its whole prefill (0: whole prompts at once)
+        self.batch = RunningBatch(self.generator, chunk=int(settings.get("prefill_chunk", PREFILL_CHUNK)) or None)
+        self.capacity = self.generator.max_batch * self.generator.max_context  # KV cache positions
         self.running: dict[str, GenerationRequest] = {}  # TorchServe request id -> its request
         self.closing: dict[str, GenerationRequest] = {}  # answered over REST in one chunk, to end next step
         self.created = openai_api.created_now()
         self.timings = Timings()
-        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d%s in %.1fs",
+        logger.info("tpserve: loaded generation tp=%d batch=%d context=%d executor=%s threads/rank=%d%s%s in %.1fs",
                     self.generator.model.tp_degree, self.generator.max_batch, self.generator.max_context, executor,
-                    threads, " continuous batching" if self.continuous else "", time.time() - started)
+                    threads, " continuous batching" if self.continuous else "",
+                    " prefix caching" if self.generator.prefix.enabled else "", time.time() - started)
         self.initialized = True
 
     def _is_explain(self) -> bool:
@@ -95,6 +102,7 @@ class GenerationHandler(BaseHandler):
             with self.timings.phase("parse", idx):
                 request = self._parse(idx, row, path)
             request.id = request_id
+            request.arrived = time.monotonic()
             request.grpc = isinstance(row, dict) and "json" in row
             requests.append(request)
         return requests
@@ -137,8 +145,11 @@ class GenerationHandler(BaseHandler):
         if not good:
             return requests
 
-        def on_token(row: int, token: int | None, completion) -> None:
+        def on_token(row: int, token: int | None, completion, logprob) -> None:
             idx, request = good[row]
+            generation_metrics.first_token(self.context, request)
+            if logprob is not None:
+                request.logprobs.append(logprob)
             request.new_tokens = [] if token is None else [token]
             request.tokens += request.new_tokens
             if request.stream and completion is None:  # the last line goes out as the final response
@@ -149,14 +160,18 @@ class GenerationHandler(BaseHandler):
                     send_intermediate_predict_response(answers, {idx: self.context.request_ids[idx]},
                                                        "Intermediate response", 200, self.context)
 
+        generation_metrics.occupancy(self.context, len(good), sum(len(r.prompt) for _, r in good), self.capacity)
         try:
             completions = self.generator.generate([r.prompt for _, r in good], [r.params for _, r in good], on_token)
         except Exception as exc:  # noqa: BLE001 - the model failed: 500 for this batch, the worker lives on
             for _, request in good:
                 request.fail(500, f"model error: {last_line(exc)}")
             return requests
+        finally:
+            generation_metrics.occupancy(self.context, 0, 0, self.capacity)
         for (_, request), completion in zip(good, completions, strict=True):
             request.completion = completion
+            generation_metrics.finished(self.context, request)
         return requests
 
     # ---- continuous batching ---------------------------------------------------------------------
@@ -188,12 +203,19 @@ class GenerationHandler(BaseHandler):
         for request in requests:
             if request.id in self.running:
                 row = self.batch.rows[request.id]
+                if not self.batch.prefilling(request.id):
+                    generation_metrics.first_token(self.context, request)
                 request.new_tokens = row.generated[len(request.tokens):]
                 request.tokens = list(row.generated)
+                request.logprobs = row.logprobs
                 if request.status != 200 or row.finish is not None:
                     request.completion = self.batch.completion(request.id)
                     self.running.pop(request.id)
-                    self.batch.leave(request.id)
+                    self.batch.leave(request.id, failed=request.status != 200)
+                    generation_metrics.finished(self.context, request)
+        rows = self.batch.rows.values()
+        generation_metrics.occupancy(self.context, len(rows), sum(len(r.prompt) + len(r.generated) for r in rows),
+                                     self.capacity)
         return requests
 
     def _step_answers(self, requests: list[GenerationRequest]) -> list[str | None]:
@@ -242,21 +264,30 @@ class GenerationHandler(BaseHandler):
         if request.route != NATIVE:
             self.context.set_response_content_type(idx, EVENT_STREAM_TYPE if request.stream else "application/json")
             if finished:
-                return final_answer(request)
+                return final_answer(request, self.generator.tokenizer)
+            if request.tools is not None:  # a tool call goes out whole, at the end
+                return None
             delta = self._delta(request)
-            return stream_event(request, delta) if request.stream and delta else None
+            return stream_event(request, delta, self.generator.tokenizer) if request.stream and delta else None
         self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
         if finished:
             body = answer(request)
             if request.stream:  # the last line: what is left of the text, then finish_reason and usage
                 body = {"token_id": request.new_tokens[-1] if request.new_tokens else None,
                         "text": (request.completion.text or "")[len(request.streamed_text):],
-                        "finish_reason": body["finish_reason"], "usage": body["usage"]}
+                        "finish_reason": body["finish_reason"], "usage": body["usage"],
+                        **self._line_logprobs(request)}
             return json.dumps(body) + ("\n" if request.stream else "")
-        if not request.stream:
+        if not request.stream or not request.new_tokens:  # nothing new (a prompt still being prefilled)
             return None
         delta = self._delta(request)
-        return json.dumps({"token_id": request.new_tokens[-1] if request.new_tokens else None, "text": delta}) + "\n"
+        return json.dumps({"token_id": request.new_tokens[-1] if request.new_tokens else None, "text": delta,
+                           **self._line_logprobs(request)}) + "\n"
+
+    @staticmethod
+    def _line_logprobs(request: GenerationRequest) -> dict:
+        """A streamed line's "logprobs": its tokens' (when the request asked)."""
+        return {} if request.params.logprobs is None else {"logprobs": native_logprobs(request.new_logprobs())}
 
     def _delta(self, request: GenerationRequest) -> str:
         """The text the new tokens add ("" while they end in half a character)."""

@@ -136,3 +136,14 @@ def start_server(tmp: Path, store: Path, model: str = "minilm", wait_for_models:
     process = server.start(tmp / "config.properties", store, tmp / "logs", timeout_s=300,
                            wait_for_models=wait_for_models)
     return Server(process, ports, tmp / "logs", model)
+
+
+def post_json(url: str, body, timeout: float = 120) -> tuple[int, dict]:
+    """(status, the JSON answer) of a POST of `body` (a dict, or bytes sent as they are), errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

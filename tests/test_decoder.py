@@ -226,7 +226,7 @@ def test_kv_cache_is_one_state_per_rank_shared_by_every_graph_and_never_stored(r
         with safe_open(str(shards / "tp_0" / "weights.safetensors"), "pt") as weights:
             assert not set(caches) & set(weights.keys())  # memory at load, not bytes on disk
         graphs = generator.model.rank_modules(1)
-        assert len(graphs) == 2 + 2  # prefill 16 and 64; context 128 for 1 row and for the batch of 2
+        assert len(graphs) == 2 + 2 + 1  # prefill 16 and 64; context 128 for 1 and 2 rows; the verify graph
         layer = [getattr(g.model.layers, "0").self_attn for g in graphs]
         assert len({a.cache_k.data_ptr() for a in layer}) == 1 and len({a.cache_v.data_ptr() for a in layer}) == 1
         before = layer[0].cache_k.clone()
@@ -277,11 +277,37 @@ def test_sampling_is_reproducible_by_seed_and_checked(random_llama, tmp_path):
                     dict(max_new_tokens=200)]:
             with pytest.raises(GenerationRequestError):
                 generator.generate([PROMPTS[0]], SamplingParams(**{"max_new_tokens": 8, **bad}))
-        with pytest.raises(GenerationRequestError, match="the limit is 64") as error:
-            generator.generate([[1] * 65])
+        # past the largest prompt graph (64) a prompt goes in chunks, up to the context's last position
+        assert len(generator.generate([[1] * 100], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+        with pytest.raises(GenerationRequestError, match="the limit is 127") as error:
+            generator.generate([[1] * 128])
         assert error.value.status == 413
     finally:
         generator.close()
+
+
+def test_logprobs_are_hugging_faces_log_softmax_before_temperature(random_llama, tmp_path):
+    """Each generated token's log-probability and the top k, as log_softmax of the model's logits (not
+    of the tempered, top-k / top-p cut ones the token was drawn from), within 1e-3."""
+    directory, hf = random_llama
+    generator = Generator(_trace(directory, tmp_path, 1))
+    try:
+        completion = generator.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=40,
+                                                                     seed=2, logprobs=5))[0]
+        with pytest.raises(GenerationRequestError, match="0..20"):
+            generator.generate([PROMPTS[0]], SamplingParams(logprobs=21))
+    finally:
+        generator.close()
+    tokens = completion.token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPTS[0] + tokens])).logits[0, len(PROMPTS[0]) - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1)
+    assert [e.token for e in completion.logprobs] == tokens
+    for i, entry in enumerate(completion.logprobs):
+        assert abs(entry.logprob - float(expected[i, entry.token])) < 1e-3
+        top = torch.topk(expected[i], 5)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert max(abs(v - float(w)) for (_, v), w in zip(entry.top, top.values, strict=True)) < 1e-3
 
 
 def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(random_llama, tmp_path):
@@ -315,7 +341,7 @@ def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(random_l
         batch.join("e", PROMPTS[0], params[0])
         batch.step(["e"])
         batch.leave("e")  # dropped mid-way (its client went away): the row is free again
-        assert sorted(batch.free) == [0, 1] and not batch.rows
+        assert sorted(generator.prefix.free) == [0, 1] and not batch.rows
     finally:
         generator.close()
 

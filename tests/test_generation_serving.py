@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from serving import start_server
+from serving import post_json, start_server
 
 from handler import grpc_client
 from tracer.engine.generator import Generator, SamplingParams
@@ -44,10 +44,11 @@ def llm(tmp_path_factory, llm_store):
 
 @pytest.fixture(scope="module")
 def llm_continuous(tmp_path_factory, llm_store):
-    """The same shards archived with --continuous-batching, in a TorchServe of their own."""
+    """The same shards archived with --continuous-batching, in a TorchServe of their own; prompts are
+    prefilled 32 tokens a step (a chat's 37-token prompt in 2 pieces: its first step sends nothing)."""
     subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(llm_store / "smollm2.shards"),
                     "--model-name", "smollm2-cb", "--export-path", str(llm_store), "--archive-format", "no-archive",
-                    "--continuous-batching"], check=True, capture_output=True)
+                    "--continuous-batching", "--prefill-chunk", "32"], check=True, capture_output=True)
     server = start_server(tmp_path_factory.mktemp("ts_continuous"), llm_store, "smollm2-cb")
     yield server
     server.stop()
@@ -83,7 +84,9 @@ def test_chat_answer_is_right_and_equals_in_process(llm, in_process):
     assert status == 200 and headers["content-type"] == "application/json"
     assert body["text"] == "The capital of France is Paris." and body["finish_reason"] == "stop"
     prompt = in_process.encode(messages=CAPITAL["messages"])
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(body["token_ids"])}
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt), len(body["token_ids"]))
+    assert 0 <= usage["cached_tokens"] < len(prompt)
     assert body["token_ids"] == in_process.generate([prompt], SamplingParams(max_new_tokens=64))[0].token_ids
 
 
@@ -110,7 +113,9 @@ def test_stream_sends_one_line_per_token_then_finish_and_usage(llm):
     assert status == 200 and content_type == "application/jsonl"
     assert [line["token_id"] for line in lines] == whole["token_ids"]  # max_new_tokens: no EOS line
     assert "".join(line["text"] for line in lines) == whole["text"]
-    assert lines[-1]["finish_reason"] == whole["finish_reason"] == "length" and lines[-1]["usage"] == whole["usage"]
+    assert lines[-1]["finish_reason"] == whole["finish_reason"] == "length"
+    prompt_tokens = whole["usage"]["prompt_tokens"]  # the second time, all but its last token from the cache
+    assert lines[-1]["usage"] == {**whole["usage"], "cached_tokens": prompt_tokens - 1}
 
 
 def test_grpc_stream_predictions(llm):
@@ -223,7 +228,7 @@ def test_sampling_is_reproducible_by_seed(llm):
 
 @pytest.mark.parametrize("body, content_type, status, message", [
     ({"prompt": "hi", "max_new_tokens": 1000}, "application/json", 400, "exceeds the model's max context of 256"),
-    ({"prompt": "word " * 300}, "application/json", 413, "the limit is 128"),
+    ({"prompt": "word " * 300}, "application/json", 413, "the limit is 255"),
     ({"prompt": "hi", "temperature": -1}, "application/json", 400, "temperature must be"),
     ({"prompt": "hi", "top_p": 2}, "application/json", 400, "top_p must be"),
     ({"prompt": "hi", "stop": 5}, "application/json", 400, "stop must be"),
@@ -258,16 +263,11 @@ def test_hostile_openai_requests_next_to_good_ones_fail_only_themselves(llm):
     url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/smollm2/1.0/v1/completions"
 
     def post_openai(body):
-        request = urllib.request.Request(url, body if isinstance(body, bytes) else json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return post_json(url, body)
 
     good = {"prompt": "Name a color.", "max_tokens": 8, "temperature": 0}
-    hostile = [{"prompt": "Name a color.", "n": 3}, b"{not json", {"prompt": "\ud800"}, {"prompt": "x", "top_p": 2}]
+    hostile = [{"prompt": "Name a color.", "n": 3}, b"{not json", {"prompt": "\ud800"}, {"prompt": "x", "top_p": 2},
+               {"prompt": "Name a color.", "logprobs": 1000}]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         good_answers = [pool.submit(post_openai, good) for _ in range(3)]
         native = pool.submit(_post, llm, {"prompt": "Name a color.", "max_new_tokens": 8})
@@ -351,7 +351,8 @@ def test_rest_client_generates_and_streams(llm):
     whole = client.generate(messages=CAPITAL["messages"])
     assert whole["text"] == "The capital of France is Paris."
     lines = list(client.stream(messages=CAPITAL["messages"]))
-    assert "".join(line["text"] for line in lines) == whole["text"] and lines[-1]["usage"] == whole["usage"]
+    assert "".join(line["text"] for line in lines) == whole["text"]
+    assert {**lines[-1]["usage"], "cached_tokens": 0} == {**whole["usage"], "cached_tokens": 0}
 
 
 def test_quantized_model_served_answers_right(tmp_path_factory):
@@ -370,3 +371,214 @@ def test_quantized_model_served_answers_right(tmp_path_factory):
         assert status == 200 and body["text"] == "The capital of France is Paris.", body
     finally:
         server.stop()
+
+
+# ---- prefix caching and LLM metrics --------------------------------------------------------------
+def _metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("server", ["llm", "llm_continuous"])
+def test_a_chats_next_turn_reads_its_history_from_the_prefix_cache(server, request, in_process):
+    """Through the official openai client: turn 2 resends turn 1 and its answer; its usage says how many
+    prompt tokens came from the cache (OpenAI's prompt_tokens_details.cached_tokens), its answer is the
+    one the whole prompt gets with nothing cached, and the worker's Prometheus metrics count them."""
+    llm = request.getfixturevalue(server)
+    client, model = llm.openai(), llm.model
+    before = {name: _metric(llm, name) for name in ("PromptTokens", "CachedPromptTokens", "GeneratedTokens",
+                                                    "TimeToFirstTokenSeconds_count", "TimePerOutputTokenSeconds_count")}
+    messages = [{"role": "user", "content": "Name three rivers of Europe."}]
+    first = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Which of them is the longest?"}]
+    second = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+    prompt = in_process.encode(messages=messages)
+    assert second.usage.prompt_tokens == len(prompt)
+    assert first.usage.prompt_tokens - 1 <= second.usage.prompt_tokens_details.cached_tokens < len(prompt)
+    in_process.prefix.clear()
+    alone = in_process.generate([prompt], SamplingParams(max_new_tokens=24))[0]
+    assert alone.cached_tokens == 0 and second.choices[0].message.content == alone.text
+    prompts = first.usage.prompt_tokens + second.usage.prompt_tokens
+    generated = first.usage.completion_tokens + second.usage.completion_tokens
+    assert _metric(llm, "PromptTokens") - before["PromptTokens"] == prompts
+    assert _metric(llm, "CachedPromptTokens") - before["CachedPromptTokens"] == (
+        first.usage.prompt_tokens_details.cached_tokens + second.usage.prompt_tokens_details.cached_tokens)
+    assert _metric(llm, "GeneratedTokens") - before["GeneratedTokens"] == generated
+    assert _metric(llm, "TimeToFirstTokenSeconds_count") - before["TimeToFirstTokenSeconds_count"] == 2
+    assert _metric(llm, "TimePerOutputTokenSeconds_count") - before["TimePerOutputTokenSeconds_count"] == 2
+    assert _metric(llm, "KVCacheUsage") == 0 and _metric(llm, "RunningRows") == 0  # nothing runs now
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------
+def test_logprobs_on_every_route_equal_the_models_log_softmax(llm, in_process):
+    """OpenAI chat (whole and streamed) and completions, and the native route: each generated token's
+    log-probability and its top alternatives, as log_softmax of the model's logits before temperature
+    (the in-process teacher-forced values, within 1e-3); top_logprobs over 20 is a 400."""
+    import openai
+
+    client = llm.openai()
+    chat = client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], max_tokens=8,
+                                          temperature=0.7, seed=3, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    _, _, native = _post(llm, {**CAPITAL, "max_new_tokens": 8, "temperature": 0.7, "seed": 3, "logprobs": 3})
+    tokens = native["token_ids"]  # the same seed: the same tokens
+    assert [round(e["logprob"], 4) for e in native["logprobs"]] == [round(e.logprob, 4) for e in content]
+    _, expected = in_process.teacher_forced(in_process.encode(messages=CAPITAL["messages"]), tokens)
+    for entry, value, token in zip(content, expected, tokens, strict=True):
+        assert abs(entry.logprob - value) < 1e-3 and entry.token == in_process.tokenizer.decode([token])
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+        assert bytes(entry.bytes) == entry.token.encode()
+    streamed = list(client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], max_tokens=8,
+                                                   temperature=0.7, seed=3, logprobs=True, top_logprobs=3,
+                                                   stream=True))
+    pieces = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in pieces] == [(e.token, round(e.logprob, 4)) for e in content]
+    completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6,
+                                           temperature=0, logprobs=2)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == completion.choices[0].text and lp.text_offset[0] == 0
+    assert all(max(top.values()) == pytest.approx(value, abs=1e-6) for top, value in zip(
+        lp.top_logprobs, lp.token_logprobs, strict=True))  # greedy: the chosen token is the likeliest
+    _, _, native = _post(llm, {"prompt": "The capital of France is", "max_new_tokens": 6, "logprobs": 2})
+    assert [e["token_id"] for e in native["logprobs"]] == native["token_ids"]
+    assert [round(e["logprob"], 4) for e in native["logprobs"]] == [round(v, 4) for v in lp.token_logprobs]
+    with pytest.raises(openai.BadRequestError, match="top logprobs must be an integer in 0..20"):
+        client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], logprobs=True,
+                                       top_logprobs=1000)
+    with pytest.raises(openai.BadRequestError, match="needs"):
+        client.chat.completions.create(model="smollm2", messages=CAPITAL["messages"], top_logprobs=2)
+
+
+# ---- structured output and tool calls ---------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "languages": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+          "required": ["name", "age", "languages"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_json_answers_parse_and_follow_their_schema(llm):
+    """response_format json_object and json_schema (the openai client's own parse() too), and the native
+    json_schema field: the answers parse and validate, sampled or greedy."""
+    import jsonschema
+
+    client = llm.openai()
+    reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Describe Paris."}],
+                                           response_format={"type": "json_object"}, max_tokens=120, temperature=0)
+    if reply.choices[0].finish_reason == "stop":  # any object; a long one may be cut by max_tokens
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    for temperature in (0, 1.0):
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Describe a programmer."}], max_tokens=100,
+            temperature=temperature, seed=5,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    _, _, native = _post(llm, {"prompt": "A person:", "json_schema": PERSON, "max_new_tokens": 100})
+    assert native["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(native["text"]), PERSON)
+
+
+@pytest.mark.parametrize("server", ["llm", "llm_continuous"])
+def test_tool_calls_through_the_openai_client(server, request):
+    """tools with tool_choice auto / required / a named function / none, whole and streamed: a call is
+    OpenAI's message.tool_calls (one of the tools, arguments valid for its parameters) with finish_reason
+    "tool_calls"; the tool's result goes back as a "tool" message and the model answers in text."""
+    import jsonschema
+
+    llm = request.getfixturevalue(server)
+    client, model = llm.openai(), llm.model
+    auto = client.chat.completions.create(model=model, messages=WEATHER_QUESTION, tools=[WEATHER, TIME],
+                                          max_tokens=60, temperature=0)  # the model's choice: a call or text
+    if auto.choices[0].message.tool_calls:
+        assert auto.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(auto.choices[0].message.tool_calls[0].function.arguments),
+                            {"anyOf": [WEATHER["function"]["parameters"], TIME["function"]["parameters"]]})
+    else:  # the {"response": text} answer, read back as the content
+        assert auto.choices[0].message.content and not auto.choices[0].message.content.startswith('{"response"')
+    for choice, tools in (("required", [WEATHER, TIME]),
+                          ({"type": "function", "function": {"name": "get_weather"}}, [TIME, WEATHER])):
+        reply = client.chat.completions.create(model=model, messages=WEATHER_QUESTION, tools=tools,
+                                               tool_choice=choice, max_tokens=60, temperature=0)
+        (call,) = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    named = client.chat.completions.create(model=model, messages=WEATHER_QUESTION, tools=[WEATHER, TIME],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           max_tokens=60, temperature=0)
+    assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+    none = client.chat.completions.create(model=model, messages=WEATHER_QUESTION, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=12, temperature=0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=model, messages=WEATHER_QUESTION, tools=[WEATHER],
+                                                 tool_choice="required", max_tokens=60, temperature=0, stream=True))
+    calls = [c for chunk in chunks if chunk.choices for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].index == 0
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
+    history = WEATHER_QUESTION + [reply.choices[0].message.model_dump(exclude_none=True),
+                                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'}]
+    answer = client.chat.completions.create(model=model, messages=history, tools=[WEATHER], max_tokens=12,
+                                            temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_bad_schemas_and_tools_are_400_and_fail_only_themselves(llm):
+    """Hostile structured-output requests sent at once with good ones: each bad one is a 400 naming its
+    problem (a 10,000-property schema, an invalid schema, a tool whose parameters are not a schema, a
+    tool_choice naming no tool); the good ones answer."""
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
+    bad = [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": huge}}}, "the limit is"),
+           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+            "Unsupported type"),
+           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+               "type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}}, "regular expression"),
+           ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}, "Type should be"),
+           ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0]"),
+           ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+           ({"response_format": {"type": "xml"}}, "response_format.type")]
+    url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/smollm2/1.0/v1/chat/completions"
+
+    def post(extra):
+        return post_json(url, {"messages": WEATHER_QUESTION, "max_tokens": 40, "temperature": 0, **extra})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        good = [pool.submit(post, {"tools": [WEATHER], "tool_choice": "required"}) for _ in range(2)]
+        answers = [pool.submit(post, extra) for extra, _ in bad]
+        for answer, (_, message) in zip(answers, bad, strict=True):
+            status, body = answer.result()
+            assert status == 400 and message in body["error"]["message"], body
+        for answer in good:
+            status, body = answer.result()
+            assert status == 200 and body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_prompt_lookup_is_on_by_default_and_answers_as_plain_decoding(llm):
+    """Through the openai client: asked to repeat a sentence, the greedy answer with prompt lookup (the
+    model's default) equals the one with "prompt_lookup": false (an extension field)."""
+    import openai
+
+    client = llm.openai()
+    sentence = "The quick brown fox jumps over the lazy dog near the old stone bridge by the river."
+    messages = [{"role": "user", "content": f"Repeat this sentence three times: {sentence}"}]
+    looked = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=60, temperature=0)
+    plain = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=60, temperature=0,
+                                           extra_body={"prompt_lookup": False})
+    assert looked.choices[0].message.content == plain.choices[0].message.content
+    assert looked.usage.completion_tokens == plain.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup must be true or false"):
+        client.chat.completions.create(model="smollm2", messages=messages, extra_body={"prompt_lookup": "yes"})

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 from conftest import MINILM_DIR
+from serving import post_json
 
 from handler import grpc_client
 from tracer.builder.encoder_checkpoint import trace_checkpoint
@@ -351,14 +352,7 @@ def test_openai_and_native_requests_in_one_batch_each_get_their_own_shape(served
 
 # ---- Open Inference Protocol (KServe v2), REST and gRPC ------------------------------------------
 def _v2_post(server, body: dict):
-    url = f"http://127.0.0.1:{server.ports['inference']}/v2/models/minilm/infer"
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"},
-                                     method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return post_json(f"http://127.0.0.1:{server.ports['inference']}/v2/models/minilm/infer", body, timeout=60)
 
 
 def test_open_inference_rest_bytes_in_fp32_out(served, encode):

@@ -96,6 +96,14 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
                    help="generation: requests join and leave the running batch at every token, and a client "
                         "that goes away stops its generation (costs a TorchServe round trip per token; gRPC "
                         "streams then arrive in one message)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="generation with --continuous-batching: prompt tokens prefilled per step, so a long "
+                        "prompt does not stall the running streams (0: whole prompts)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="generation: prefill every prompt whole instead of reusing a cache row's prefix")
+    p.add_argument("--no-prompt-lookup", action="store_true",
+                   help="generation: greedy requests do not draft tokens from their context unless they ask "
+                        "(\"prompt_lookup\": true)")
     p.add_argument("--torchrun", action="store_true",
                    help="TorchServe torchrun mode: one process per rank (parallelType tp) instead of rank threads")
 
@@ -184,7 +192,8 @@ def _settings(args):
                          startup_timeout_s=args.startup_timeout, too_long=args.too_long,
                          max_inputs_per_request=args.max_inputs_per_request,
                          max_documents_per_request=args.max_documents_per_request, max_new_tokens=args.max_new_tokens,
-                         continuous_batching=args.continuous_batching)
+                         continuous_batching=args.continuous_batching, prefill_chunk=args.prefill_chunk,
+                         prefix_caching=not args.no_prefix_caching, prompt_lookup=not args.no_prompt_lookup)
 
 
 def _run(args) -> None:

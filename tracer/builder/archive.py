@@ -40,6 +40,9 @@ class ServeSettings:
     max_documents_per_request: int = 1000  # classification: documents per rerank request
     max_new_tokens: int = 256             # generation: the default when a request gives none
     continuous_batching: bool = False     # generation: join and leave at every token (handler docstring)
+    prefill_chunk: int = 256              # generation, continuous batching: prompt tokens prefilled per step
+    prefix_caching: bool = True           # generation: reuse a cache row's prefix (engine/prefix_cache.py)
+    prompt_lookup: bool = True            # generation: greedy rows draft tokens from their context
 
     def check(self, kind: str | None = None) -> None:
         if self.max_batch_delay_ms < 1:  # measured: a lone request then waits 100 ms for its batch
@@ -54,6 +57,8 @@ class ServeSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {value}")
+        if self.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {self.prefill_chunk}")
         if self.too_long not in ("truncate", "reject"):
             raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
         if kind in ("embedding", "classification") and self.continuous_batching:
@@ -76,7 +81,9 @@ def model_config(manifest: Manifest, settings: ServeSettings | None = None, torc
         "maxBatchDelay": s.max_batch_delay_ms,
         "responseTimeout": s.response_timeout_s or (300 if generation else 120),
         "startupTimeout": s.startup_timeout_s,
-        "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": s.max_new_tokens} if generation else {
+        "handler": {"tp_degree": manifest.tp_degree, "max_new_tokens": s.max_new_tokens,
+                    "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
+                    "prompt_lookup": s.prompt_lookup} if generation else {
             "tp_degree": manifest.tp_degree,
             "max_inputs_per_request": s.max_inputs_per_request,
             "max_documents_per_request": s.max_documents_per_request,

@@ -18,6 +18,7 @@ import torch
 from .. import artifacts
 from ..bucketing import BucketModelConfig, check_buckets, decoder_bucket_kernel, powers_of_two, prompt_buckets
 from ..errors import UsageError
+from ..models import decoder as decoder_module
 from ..models import registry
 from ..models.decoder import DecoderConfig, load_decoder
 from .gguf_import import TYPES_FILE
@@ -82,6 +83,7 @@ def hf_config(model_dir: Path, config: dict):
 # Up to how many rows tpserve::linear sums each row as it sums a row alone (csrc/linear.cpp: from 9 rows
 # on, with AVX-512, the column kernel sums in another order, the same for any 9 to 96 rows).
 SAME_SUMS_AS_ONE_ROW = 8
+VERIFY_TOKENS = SAME_SUMS_AS_ONE_ROW  # a verify graph's tokens: the last one and up to 7 drafts
 
 
 def generation_rows(max_batch: int) -> list[int]:
@@ -94,6 +96,14 @@ def generation_rows(max_batch: int) -> list[int]:
     if max_batch > SAME_SUMS_AS_ONE_ROW:
         return [max_batch]
     return sorted({rows for rows in (1, 2, 4) if rows < max_batch} | {max_batch})
+
+
+def chunk_graph(length: int) -> bool:
+    """Whether the prompt graph of `length` tokens attends the whole cache row at no cost: where
+    tpserve::cached_attention computes it (the CPU backend, up to 512 tokens), whose work follows the
+    tokens' positions, not the context; SDPA's (past 512 tokens, and on other backends) follows the
+    context, so those graphs attend their own length only."""
+    return decoder_module._native_attention(length)
 
 
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
@@ -117,7 +127,16 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
                 for n in prefill]
     rows = generation_rows(decoder.max_batch)
     examples += [(zeros(r, 1), zeros(r, 1), torch.arange(r), zeros(r)) for r in rows for _ in contexts]  # 1 token/row
-    kwargs = [{"runtime": runtime, "context": n} for n in prefill + contexts * len(rows)]
+    # a prompt graph attends its own length, or (chunk graphs) the whole cache row, so that it can prefill
+    # the rest of a prompt after a cached prefix (engine/prefix_cache.py) or a long prompt in pieces
+    prefill_contexts = [decoder.max_context if chunk_graph(n) else n for n in prefill]
+    kwargs = [{"runtime": runtime, "context": n} for n in prefill_contexts + contexts * len(rows)]
+    # verify graphs (prompt-lookup decoding): a row's last token and its drafts, every position's logits,
+    # attending the whole cache row; up to SAME_SUMS_AS_ONE_ROW tokens, so each position's logits are
+    # summed as a one-token step sums them (greedy answers stay the same)
+    verify = [VERIFY_TOKENS] if chunk_graph(VERIFY_TOKENS) and VERIFY_TOKENS < decoder.max_context else []
+    examples += [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1])) for n in verify]
+    kwargs += [{"runtime": runtime, "context": decoder.max_context, "every_logit": True} for _ in verify]
     return trace_into_shards(
         functools.partial(load_decoder, model_dir), examples,
         BucketModelConfig(decoder_bucket_kernel(prefill, contexts, rows), func_kwargs=kwargs), tp_degree,
@@ -126,7 +145,9 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
             "architecture": registry.generator(config["model_type"]).architecture,
             "decoder": vars(decoder),
             "prefill_buckets": prefill,
+            "prefill_contexts": prefill_contexts,
             "context_buckets": contexts,
             "generation_rows": rows,
+            "verify_tokens": verify,
             "eos_token_ids": _eos_ids(model_dir, config),
         })

@@ -10,8 +10,9 @@ Row i's tokens sit at `positions[i]` of cache row `slots[i]`; their keys and val
 in place (index_put_ on the cache buffers: O(new tokens), never a copy of the cache), then the row
 attends to the first `context` positions of its cache row, masked causally by position (and, in a
 sliding-window layer, to the last W positions only). Only the hidden state at `last[i]` goes through
-the LM head. `context` is fixed per traced graph: a prefill graph of L tokens attends L positions, a
-generation graph of one token attends its context bucket.
+the LM head (a verify graph's: every token's, for prompt-lookup decoding). `context` is fixed per
+traced graph: a prefill graph of L tokens attends L positions (up to 512 tokens on the CPU backend:
+the whole cache row, a chunk graph), a generation graph of one token attends its context bucket.
 
 The caches are non-persistent buffers returned as outputs and named in `states`: the runtime
 allocates them (zeros) once per rank at load, shares them between all graphs of the rank, and the
@@ -314,10 +315,12 @@ class Decoder(nn.Module):
                 self.register_buffer(f"rope_sin_{kind}{suffix}", angles.sin() * table.scaling, persistent=False)
             self.switch.append(rotary.switch if rotary.long is not None else 0)
         self.context = 0  # set_context, per traced graph
+        self.every_logit = False  # a verify graph: logits at every position (set_context too)
 
-    def set_context(self, context: int) -> None:
-        """The positions each graph traced next attends (a bucket's; nothing else depends on it)."""
-        self.context = context
+    def set_context(self, context: int, every_logit: bool = False) -> None:
+        """The positions each graph traced next attends (a bucket's), and whether it returns the logits
+        at every position (a verify graph) or at `last` only."""
+        self.context, self.every_logit = context, every_logit
         for layer in self.model.layers:
             layer.self_attn.context = context
 
@@ -366,6 +369,8 @@ class Decoder(nn.Module):
         # only the rows' last real tokens reach the LM head
         if length == 1:  # a step: each row's one token
             x = x[:, 0]
+        elif b == 1 and self.every_logit:  # drafts to verify: every position's next token
+            x = x[0]
         elif b == 1:  # a prompt
             x = x[0].index_select(0, last)
         else:
@@ -381,13 +386,13 @@ def checkpoint_file(model_dir: Path) -> Path:
     return Path(model_dir) / "model.safetensors"
 
 
-def load_decoder(model_dir, runtime: dict, context: int) -> tuple[nn.Module, dict]:
+def load_decoder(model_dir, runtime: dict, context: int, every_logit: bool = False) -> tuple[nn.Module, dict]:
     """A `func` for parallel_model_trace: this rank's shard, the weights read slice by slice from
     model_dir/model.safetensors, and the caches as states ({cache: output index})."""
     checkpoint = checkpoint_file(model_dir).stat()
     shard = (parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank())
     model = _built(Path(model_dir), tuple(sorted(runtime.items())), shard, (checkpoint.st_size, checkpoint.st_mtime_ns))
-    model.set_context(context)
+    model.set_context(context, every_logit)
     return model, {cache: 1 + i for i, cache in enumerate(model.caches())}
 
 
