@@ -154,10 +154,11 @@ def test_steps_run_the_smallest_graph_that_holds_their_rows(random_llama, tmp_pa
 
 
 def test_long_prompts_through_either_attention_equal_hf_generate(random_llama, tmp_path):
-    """Prompts up to 512 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)."""
+    """Prompts up to 512 tokens attend with tpserve::cached_attention, longer ones with SDPA (llama.py)
+    when prompts go whole (prefill_piece 0: the Neuron backend's way; on the CPU they go in pieces)."""
     directory, hf = random_llama
     prompts = [[(7 * i + 3) % 256 for i in range(100)], [(11 * i + 5) % 256 for i in range(600)]]  # buckets 128, 640
-    generator = Generator(_trace(directory, tmp_path, 2, prefill=[64, 128, 640], max_context=1024))
+    generator = Generator(_trace(directory, tmp_path, 2, prefill=[64, 128, 640], max_context=1024), prefill_piece=0)
     try:
         got = generator.generate(prompts, SamplingParams(max_new_tokens=16))
         assert [c.token_ids for c in got] == [_hf_greedy(hf, p, 16) for p in prompts]

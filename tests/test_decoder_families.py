@@ -34,7 +34,10 @@ def _configs():
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                          "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                                      tie_word_embeddings=True),
+        # original_max_position_embeddings at the top level too: Phi3Config's default (4096) replaces the
+        # rope_parameters' own otherwise, and the switch would never be crossed
         "phi3": t.Phi3Config(**common, num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
+                             original_max_position_embeddings=24,
                              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.5, "original_max_position_embeddings": 24,
                                               "short_factor": [1.0, 1.5, 2.0, 3.0][: rotary // 2],
@@ -97,7 +100,7 @@ def test_long_prompts_through_sdpa_keep_windows_and_switch_rope(checkpoints, fam
     directory, hf = checkpoints[family]
     config = json.loads((directory / "config.json").read_text())
     trace_decoder(directory, config, 2, tmp_path / "shards", prefill=[16, 1024], max_context=1024, batch_size=2)
-    generator = Generator(tmp_path / "shards")
+    generator = Generator(tmp_path / "shards", prefill_piece=0)  # the whole prompt in one call
     try:
         prompt = [(7 * i + 3) % 250 + 1 for i in range(600)]
         got = generator.generate([prompt], SamplingParams(max_new_tokens=16))[0].token_ids
@@ -136,3 +139,33 @@ def test_gemma3_4b_layout_serves_its_language_model(tmp_path):
         assert [c.token_ids for c in got] == expected
     finally:
         generator.close()
+
+
+def test_a_longrope_switch_within_the_context_gets_no_chunk_or_verify_graphs(checkpoints, tmp_path):
+    """Phi-3's longrope rotates every position of a prompt longer than original_max_position_embeddings
+    with its long factors, so a key cached from a shorter sequence is not what the whole prompt computes:
+    such a model prefills prompts whole (no prefix caching, chunks or prompt lookup) and still answers as
+    Hugging Face across the switch; a family without a switch gets them."""
+    directory, hf = checkpoints["phi3"]
+    config = json.loads((directory / "config.json").read_text())
+    trace_decoder(directory, config, 1, tmp_path / "phi3", prefill=[16, 64], max_context=128, batch_size=2)
+    generator = Generator(tmp_path / "phi3")
+    try:
+        info = generator.model.manifest.model
+        assert info["prefill_contexts"] == [16, 64] and info["verify_tokens"] == [] and info["rope_switch"] == 24
+        assert not generator.prefix.enabled and generator.prefill_piece == 0 and generator.verify_tokens == 0
+        prompt = [(5 * i + 1) % 250 + 1 for i in range(30)]  # past the switch (24)
+        first = generator.generate([prompt], SamplingParams(max_new_tokens=8))[0]
+        again = generator.generate([prompt + first.token_ids + [3, 4]], SamplingParams(max_new_tokens=8))[0]
+        assert again.cached_tokens == 0
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompt + first.token_ids + [3, 4]]), max_new_tokens=8,
+                                   min_new_tokens=8, do_sample=False)
+        assert again.token_ids == expected[0, len(prompt) + 10:].tolist()
+    finally:
+        generator.close()
+    llama_dir, _ = checkpoints["qwen3"]
+    trace_decoder(llama_dir, json.loads((llama_dir / "config.json").read_text()), 1, tmp_path / "qwen3",
+                  prefill=[16, 64], max_context=128, batch_size=2)
+    info = json.loads((tmp_path / "qwen3" / "manifest.json").read_text())["model"]
+    assert info["prefill_contexts"] == [128, 128] and info["verify_tokens"] == [8]

@@ -106,6 +106,18 @@ def chunk_graph(length: int) -> bool:
     return decoder_module._native_attention(length)
 
 
+def rope_switch(model_dir: Path, config: dict, decoder: DecoderConfig) -> int:
+    """The sequence length past which the family switches its rotary factors, where that happens within
+    the context (Phi-3's longrope past original_max_position_embeddings: every position of a longer
+    sequence turns by the long factors), else 0. Such a model gets no chunk or verify graphs (a key cached
+    from a shorter sequence is not what the longer one computes: no prefix caching, chunked prefill or
+    prompt lookup), and its generator prefills a row's whole sequence again where it crosses the switch,
+    as Hugging Face's generate() does."""
+    family = registry.generator(config["model_type"])
+    switches = [r.switch for r in family.rotaries(hf_config(model_dir, config), decoder) if r.long is not None]
+    return min((s for s in switches if 0 < s < decoder.max_context), default=0)
+
+
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
     eos = config.get("eos_token_id")
     generation = model_dir / "generation_config.json"
@@ -129,12 +141,14 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
     examples += [(zeros(r, 1), zeros(r, 1), torch.arange(r), zeros(r)) for r in rows for _ in contexts]  # 1 token/row
     # a prompt graph attends its own length, or (chunk graphs) the whole cache row, so that it can prefill
     # the rest of a prompt after a cached prefix (engine/prefix_cache.py) or a long prompt in pieces
-    prefill_contexts = [decoder.max_context if chunk_graph(n) else n for n in prefill]
+    switch = rope_switch(model_dir, config, decoder)
+    reuse = not switch  # a cached key stays what a whole prompt computes
+    prefill_contexts = [decoder.max_context if reuse and chunk_graph(n) else n for n in prefill]
     kwargs = [{"runtime": runtime, "context": n} for n in prefill_contexts + contexts * len(rows)]
     # verify graphs (prompt-lookup decoding): a row's last token and its drafts, every position's logits,
     # attending the whole cache row; up to SAME_SUMS_AS_ONE_ROW tokens, so each position's logits are
     # summed as a one-token step sums them (greedy answers stay the same)
-    verify = [VERIFY_TOKENS] if chunk_graph(VERIFY_TOKENS) and VERIFY_TOKENS < decoder.max_context else []
+    verify = [VERIFY_TOKENS] if reuse and chunk_graph(VERIFY_TOKENS) and VERIFY_TOKENS < decoder.max_context else []
     examples += [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1])) for n in verify]
     kwargs += [{"runtime": runtime, "context": decoder.max_context, "every_logit": True} for _ in verify]
     return trace_into_shards(
@@ -149,5 +163,6 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
             "context_buckets": contexts,
             "generation_rows": rows,
             "verify_tokens": verify,
+            "rope_switch": switch,
             "eos_token_ids": _eos_ids(model_dir, config),
         })

@@ -114,11 +114,13 @@ class _Row:
 
 class Generator:
     def __init__(self, model_dir, tp_degree: int | None = None, executor: str = "threads",
-                 threads_per_rank: int | None = None, device: str = "cpu", prefix_caching: bool = True) -> None:
+                 threads_per_rank: int | None = None, device: str = "cpu", prefix_caching: bool = True,
+                 prefill_piece: int | None = None) -> None:
         """executor and device as parallel_model_load's (device="cuda": executor "processes" or
         "torchrun"); the KV caches stay with the ranks. prefix_caching: reuse a finished row's cached
         prefix (where the model's prompt graphs can start past position 0: built by tpserve >= 0.6 on
-        its CPU backend)."""
+        its CPU backend). prefill_piece: the most prompt tokens one call prefills (None: the largest
+        chunk graph warm_up runs; 0: a prompt in its own bucket, in one call)."""
         model_dir = Path(model_dir)
         self.model = parallel_model_load(model_dir, tp_degree=tp_degree, executor=executor,
                                          threads_per_rank=threads_per_rank, device=device)
@@ -142,12 +144,19 @@ class Generator:
         contexts = info.get("prefill_contexts") or self.prefill_buckets
         self.chunk_lengths = [n for n, c in zip(self.prefill_buckets, contexts, strict=True) if c >= self.max_context]
         self.prefix = PrefixCache(self.max_batch, enabled=prefix_caching and bool(self.chunk_lengths))
+        # prompts go in pieces through the chunk graphs warm_up runs, so no request lands in a cold graph
+        # (TorchScript profiles a graph's first runs: a 700-token chat took 4.1 s the first time served),
+        # and it is not slower: SmolLM2 int4, 700 tokens, 850 ms in 256-token pieces, 848 in 512-token ones,
+        # 906 in its 768-token graph (SDPA)
+        warm = [n for n in self.chunk_lengths if n <= WARM_UP_PROMPTS_UP_TO] or self.chunk_lengths[-1:]
+        self.prefill_piece = (prefill_piece if prefill_piece is not None else warm[-1]) if warm else 0
         # verify graphs: a row's last token and up to n - 1 drafts in one call (prompt-lookup decoding)
         self.verify_tokens = (info.get("verify_tokens") or [0])[0]
         self.verify_bucket = len(self.prefill_buckets) + len(self.rows) * len(self.context_buckets)
         # the default for requests that do not say: on, as free writing was not slower with it (SmolLM2 int4:
         # 0.77x a token, its own text repeating itself; docs/performance.md#prompt-lookup-decoding)
         self.prompt_lookup = True
+        self.rope_switch = info.get("rope_switch", 0)  # builder/decoder_checkpoint.py's rope_switch
         self.lookup_stats = {"calls": 0, "drafted": 0, "accepted": 0}
         self.tokenizer = None
         if tokenizer_file(model_dir).is_file():
@@ -262,18 +271,24 @@ class Generator:
 
     def _prefill(self, row: _Row) -> torch.Tensor:
         """The logits after the row's prompt, its KV written from row.start on (what the cache does not
-        hold): the whole prompt in its bucket, or chunks of at most the largest chunk graph."""
+        hold): in pieces of prefill_piece tokens, or (0) the whole prompt in its bucket."""
         n, start = len(row.prompt), row.start
-        if start == 0 and 1 < n <= self.prefill_buckets[-1] and (not self.chunk_lengths or n > self.chunk_lengths[-1]):
-            bucket = self.buckets.prefill_bucket(n)  # one call, however long (SDPA past 512 tokens)
-            length = self.prefill_buckets[bucket]  # padded on the right with token 0 at the next positions
-            ids = torch.tensor([row.prompt + [0] * (length - n)])
-            inputs = [ids, torch.arange(length).unsqueeze(0), torch.tensor([row.slot]), torch.tensor([n - 1])]
-            return self.model.run_bucket(bucket, inputs)[0][0]
+        if start == 0 and 1 < n <= self.prefill_buckets[-1] and not self.prefill_piece:
+            return self._prefill_whole(row.slot, row.prompt)
         while True:
-            logits, start = self.prefill_chunk(row, start)
+            logits, start = self.prefill_chunk(row, start, self.prefill_piece or None)
             if start == n:
                 return logits
+
+    def _prefill_whole(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """The logits after `tokens`, prefilled into cache row `slot` from position 0 in one call of
+        their bucket, however long (SDPA past 512 tokens)."""
+        n = len(tokens)
+        bucket = self.buckets.prefill_bucket(n)
+        length = self.prefill_buckets[bucket]  # padded on the right with token 0 at the next positions
+        ids = torch.tensor([tokens + [0] * (length - n)])
+        inputs = [ids, torch.arange(length).unsqueeze(0), torch.tensor([slot]), torch.tensor([n - 1])]
+        return self.model.run_bucket(bucket, inputs)[0][0]
 
     def prefill_chunk(self, row: _Row, start: int, limit: int | None = None) -> tuple[torch.Tensor, int]:
         """Prefill the row's prompt tokens from `start` on, at most one chunk graph's worth (and at most
@@ -298,13 +313,20 @@ class Generator:
         stepped = []
         for row in rows:
             drafts = self._drafts(row)
-            if drafts:
+            if self._crosses_switch(row):  # Hugging Face recomputes the whole sequence there: so do we
+                self._take(row, self._prefill_whole(row.slot, row.prompt + row.generated), on_token)
+            elif drafts:
                 self._verify(row, drafts, on_token)
             else:
                 stepped.append(row)
         if stepped:
             for row, logits in zip(stepped, self._step(stepped), strict=True):
                 self._take(row, logits, on_token)
+
+    def _crosses_switch(self, row: _Row) -> bool:
+        """Whether this step is the row's first past its rotary switch (and a prompt graph holds it all)."""
+        at = len(row.prompt) + len(row.generated) - 1  # the position of the token the step feeds
+        return bool(self.rope_switch) and at == self.rope_switch and at + 1 <= self.prefill_buckets[-1]
 
     def _drafts(self, row: _Row) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the row's last LOOKUP_NGRAMS tokens,

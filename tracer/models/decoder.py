@@ -329,14 +329,15 @@ class Decoder(nn.Module):
 
     def _rotations(self, positions: torch.Tensor, last: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) [b, L, 1, rotary_dim] per kind of layer. A longrope table switches to its long
-        factors where the call's sequences reach past `switch` positions (Hugging Face's choice, by
-        the longest real sequence of the call; a prompt's bucket padding does not count)."""
+        factors for a row whose sequence reaches past `switch` positions (Hugging Face's choice for a
+        sequence; per row, so a row's tokens do not depend on the rows beside it; a prompt's bucket
+        padding does not count)."""
         out = []
         for kind, switch in enumerate(self.switch):
             cos = F.embedding(positions, getattr(self, f"rope_cos_{kind}")).unsqueeze(2)
             sin = F.embedding(positions, getattr(self, f"rope_sin_{kind}")).unsqueeze(2)
             if switch:
-                long = (positions.gather(1, last.view(-1, 1)).max() + 1 > switch).view(1, 1, 1, 1)
+                long = (positions.gather(1, last.view(-1, 1)) + 1 > switch).view(-1, 1, 1, 1)
                 long_cos = F.embedding(positions, getattr(self, f"rope_cos_{kind}_long")).unsqueeze(2)
                 long_sin = F.embedding(positions, getattr(self, f"rope_sin_{kind}_long")).unsqueeze(2)
                 cos, sin = torch.where(long, long_cos, cos), torch.where(long, long_sin, sin)
