@@ -312,10 +312,9 @@ class Generator:
         its own, and keeps every draft the model agrees with, plus the model's next token."""
         stepped = []
         for row in rows:
-            drafts = self._drafts(row)
             if self._crosses_switch(row):  # Hugging Face recomputes the whole sequence there: so do we
                 self._take(row, self._prefill_whole(row.slot, row.prompt + row.generated), on_token)
-            elif drafts:
+            elif drafts := self._drafts(row):
                 self._verify(row, drafts, on_token)
             else:
                 stepped.append(row)
