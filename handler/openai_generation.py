@@ -180,11 +180,12 @@ def _logprobs(request: GenerationRequest, tokenizer, text: str) -> dict:
             return {"token": text_of, "logprob": logprob, "bytes": list(text_of.encode("utf-8"))}
         return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
                             for e in entries], "refusal": None}
+    tokens = [piece(e.token) for e in entries]
     offsets, at = [], len(request.streamed_text) - len(text) if request.stream else 0
-    for e in entries:
+    for token in tokens:
         offsets.append(at)
-        at += len(piece(e.token))
-    return {"tokens": [piece(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{piece(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
 
