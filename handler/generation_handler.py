@@ -253,23 +253,24 @@ class GenerationHandler(BaseHandler):
         return answers
 
     # ---- answers ---------------------------------------------------------------------------------
-    def _answer(self, idx: int, request: GenerationRequest, finished: bool) -> str | None:
+    def _answer(self, idx: int, request: GenerationRequest, finished: bool, context=None) -> str | None:
         """Request idx's answer: the whole of it when finished, else its new text when streamed (None:
-        nothing to send now)."""
+        nothing to send now). context: the request's own (the async handler's), else the call's."""
+        context = context or self.context
         if request.status != 200:
-            return openai_api.route_error(self.context, idx, request.route, request.status, request.error)
+            return openai_api.route_error(context, idx, request.route, request.status, request.error)
         if request.route == MODELS:
-            self.context.set_response_content_type(idx, "application/json")
-            return openai_api.models_answer(self.context.model_name, self.created)
+            context.set_response_content_type(idx, "application/json")
+            return openai_api.models_answer(context.model_name, self.created)
         if request.route != NATIVE:
-            self.context.set_response_content_type(idx, EVENT_STREAM_TYPE if request.stream else "application/json")
+            context.set_response_content_type(idx, EVENT_STREAM_TYPE if request.stream else "application/json")
             if finished:
                 return final_answer(request, self.generator.tokenizer)
             if request.tools is not None:  # a tool call goes out whole, at the end
                 return None
             delta = self._delta(request)
             return stream_event(request, delta, self.generator.tokenizer) if request.stream and delta else None
-        self.context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
+        context.set_response_content_type(idx, STREAM_TYPE if request.stream else "application/json")
         if finished:
             body = answer(request)
             if request.stream:  # the last line: what is left of the text, then finish_reason and usage

@@ -81,11 +81,17 @@ def test_a_chart_without_its_json_is_skipped(results, tmp_path, capsys):
 
 def test_the_other_benchmarks_rows_name_their_units():
     """The benchmarks without a chart write their rows too: each key with its unit (or none: counts)."""
-    rows = continuous_batching.rows_of({"smollm2": {"token": [7.0, 7.2, 7.1], "short": [900.0] * 3,
-                                                    "mean": [1500.0] * 3, "wall": [4000.0] * 3}}, "int4")
-    assert rows == [{"mode": "whole batches", "weights": "int4", "tp": 1, "per_token_ms": 7.1,
-                     "short_behind_long_ms": 900.0, "staggered_mean_latency_ms": 1500.0,
-                     "staggered_all_done_ms": 4000.0}]
+    rows = continuous_batching.rows_of({"smollm2": {"token": [7.0, 7.2, 7.1], "first": [40.0, 50.0, 45.0],
+                                                    "streams": [200.0] * 3, "short": [900.0] * 3,
+                                                    "mean": [1500.0] * 3, "wall": [4000.0] * 3},
+                                        "in-process": {"token": [6.0], "first": [30.0], "streams": [300.0],
+                                                       "short": [], "mean": [], "wall": []}}, "int4")
+    assert rows == [{"mode": "whole batches", "weights": "int4", "tp": 1, "per_token_ms": 7.1, "first_token_ms": 45.0,
+                     "four_streams_tokens_s": 200.0, "short_behind_long_ms": 900.0,
+                     "staggered_mean_latency_ms": 1500.0, "staggered_all_done_ms": 4000.0},
+                    {"mode": "in-process", "weights": "int4", "tp": 1, "per_token_ms": 6.0, "first_token_ms": 30.0,
+                     "four_streams_tokens_s": 300.0, "short_behind_long_ms": None,
+                     "staggered_mean_latency_ms": None, "staggered_all_done_ms": None}]
     core = tracer_core.rows_of(eager=10.0, t1=5.0, t2=4.0, coordination=0.4, dispatch=0.02, t2_processes=4.5)
     assert [r["vs_tp1"] for r in core] == [2.0, 1.0, 0.8, None, None, 0.9, None]
     traced = offline_tracer.rows_of({1: 4.0, 2: 2.5}, {1: 88.0, 2: 46.0, 4: 25.0}, 86.7)

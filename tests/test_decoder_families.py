@@ -169,3 +169,41 @@ def test_a_longrope_switch_within_the_context_gets_no_chunk_or_verify_graphs(che
                   prefill=[16, 64], max_context=128, batch_size=2)
     info = json.loads((tmp_path / "qwen3" / "manifest.json").read_text())["model"]
     assert info["prefill_contexts"] == [128, 128] and info["verify_tokens"] == [8]
+
+
+@pytest.mark.parametrize("family, tp", [("mistral", 1), ("gemma3", 2)])
+def test_sliding_layers_keep_a_ring_of_their_last_positions(checkpoints, family, tp, tmp_path):
+    """With chunk graphs only (prompt graphs of up to 32 tokens here), a sliding layer's cache is a ring of
+    W + 31 positions (and W - 1 mirrored) instead of the row's 256: a 40-token prompt and 150 new tokens
+    wrap it several times and still answer as Hugging Face; a later turn reuses the row's prefix when the
+    ring still holds the window before it, and prefills from the start when it does not."""
+    directory, hf = checkpoints[family]
+    config = json.loads((directory / "config.json").read_text())
+    trace_decoder(directory, config, tp, tmp_path / "shards", prefill=[16, 32], max_context=256, batch_size=2)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    window = config["sliding_window"]
+    ring = window + 32 - 1
+    lengths = {spec["shape"][2] for spec in manifest["runtime_states"].values()}
+    assert manifest["model"]["decoder"]["ring_span"] == 32
+    assert lengths == ({ring + window - 1} if family == "mistral" else {ring + window - 1, 256})
+    generator = Generator(tmp_path / "shards")
+    try:
+        prompt = [(7 * i + 3) % 250 + 1 for i in range(40)]
+        first = generator.generate([prompt], SamplingParams(max_new_tokens=150))[0]
+        assert first.token_ids == _hf_greedy_n(hf, prompt, 150)
+        # the whole conversation again plus two tokens: the ring holds the window before its end
+        turn = prompt + first.token_ids + [5, 6]
+        again = generator.generate([turn], SamplingParams(max_new_tokens=8))[0]
+        assert again.cached_tokens == len(prompt) + 149 and again.token_ids == _hf_greedy_n(hf, turn, 8)
+        # the prompt's first 40 tokens are long gone from the ring: nothing is reused
+        edited = prompt + [9, 9]
+        third = generator.generate([edited], SamplingParams(max_new_tokens=8))[0]
+        assert third.cached_tokens == 0 and third.token_ids == _hf_greedy_n(hf, edited, 8)
+    finally:
+        generator.close()
+
+
+def _hf_greedy_n(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()

@@ -221,3 +221,34 @@ def test_geglu_equals_the_formula(shape):
     gate, up = gate_up.double().chunk(2, -1)  # ATen fallback
     torch.testing.assert_close(native_ops.geglu(gate_up.double()), F.gelu(gate, approximate="tanh") * up)
     assert not native_ops.geglu(gate_up).isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the fast path, the ATen fallback
+@pytest.mark.parametrize("window", [1, 5])
+def test_a_ring_cache_attends_as_the_whole_row(window, dtype):
+    """A sliding layer's ring (position p at p % ring, the first window - 1 mirrored past it) answers what
+    the cache of every position answers, through a sequence many rings long: chunks of up to 3 tokens
+    with padding written past the real ones (as prompt buckets do), then single tokens, in two rows."""
+    g = torch.Generator().manual_seed(window)
+    d, kv_index, span, context = 64, torch.tensor([0, 0, 1]), 3, 64
+    ring = window + span - 1
+    full = [torch.zeros(3, 2, context, d, dtype=dtype) for _ in range(2)]
+    rings = [torch.zeros(3, 2, ring + window - 1, d, dtype=dtype) for _ in range(2)]
+    at = {0: 0, 2: 0}  # cache row -> its next position
+    pieces = [(0, 3, 2), (2, 3, 3), (0, 3, 3), (2, 2, 2), (0, 3, 1)] + [(r, 1, 1) for _ in range(25) for r in (0, 2)]
+    for row, length, real in pieces:  # `real` tokens, then padding at the next positions
+        qkv = torch.randn(1, length, 7 * d, generator=g, dtype=dtype)
+        angles = torch.rand(1, length, 1, d, generator=g, dtype=dtype) * 6
+        positions = torch.arange(at[row], at[row] + length).unsqueeze(0)
+        slots = torch.tensor([row])
+        expected = native_ops.cached_attention(qkv, angles.cos(), angles.sin(), *full, slots, positions, kv_index,
+                                               context, 0.125, window)
+        got = native_ops.cached_attention(qkv, angles.cos(), angles.sin(), *rings, slots, positions, kv_index,
+                                          context, 0.125, window, ring=ring)
+        torch.testing.assert_close(got[:, :real], expected[:, :real], rtol=1e-5, atol=1e-6)
+        at[row] += real
+    assert max(at.values()) > 4 * ring
+    with pytest.raises(RuntimeError, match="a ring of 3 needs"):  # no room for 3 tokens and a window of 5
+        native_ops.cached_attention(qkv.new_zeros(1, 3, 7 * d), angles.cos()[:, :1].expand(1, 3, 1, d),
+                                    angles.sin()[:, :1].expand(1, 3, 1, d), *rings, slots, positions.new_zeros(1, 3),
+                                    kv_index, context, 0.125, 5, ring=3)

@@ -54,6 +54,18 @@ def llm_continuous(tmp_path_factory, llm_store):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def llm_async(tmp_path_factory, llm_store):
+    """The same shards archived with --async-worker (the worker runs the step loop; TorchServe's async
+    mode), prompts prefilled 32 tokens a step, in a TorchServe of their own."""
+    subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(llm_store / "smollm2.shards"),
+                    "--model-name", "smollm2-async", "--export-path", str(llm_store), "--archive-format",
+                    "no-archive", "--async-worker", "--prefill-chunk", "32"], check=True, capture_output=True)
+    server = start_server(tmp_path_factory.mktemp("ts_async"), llm_store, "smollm2-async")
+    yield server
+    server.stop()
+
+
 def _chat(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}]}
 
@@ -133,13 +145,17 @@ def test_concurrent_requests_decode_together_each_equal_to_alone(llm):
     assert [body["token_ids"] for _, _, body in together] == alone
 
 
-def test_continuous_batching_answers_as_whole_batches_do(llm, llm_continuous):
-    """--continuous-batching (one handler call per token) changes how requests share the model, not
-    what they get: the same answers, streams, OpenAI events and errors as whole batches, over REST
-    and gRPC (a gRPC stream arrives as one message there: TorchServe 0.12's GRPCJob.isOpen() is
-    inverted, see handler/generation_handler.py)."""
+@pytest.mark.parametrize("other", ["llm_continuous", "llm_async"])
+def test_continuous_batching_answers_as_whole_batches_do(llm, other, request):
+    """--continuous-batching (one handler call per token) and --async-worker (the worker's own step
+    loop) change how requests share the model, not what they get: the same answers, streams, OpenAI
+    events and errors as whole batches, over REST and gRPC (a gRPC stream arrives as one message with
+    --continuous-batching: TorchServe 0.12's GRPCJob.isOpen() is inverted, see
+    handler/generation_handler.py)."""
+    llm_continuous = request.getfixturevalue(other)
     for body in [CAPITAL, {**_chat("Count to ten."), "max_new_tokens": 5}, {"prompt": "hi", "temperature": -1},
-                 {"prompt": "\ud800"}, {"prompt": "word " * 300}, '{"prompt": ']:
+                 {"prompt": "\ud800"}, {"prompt": "word " * 300}, '{"prompt": ',
+                 {"prompt": "hi", "max_new_tokens": 1000}, {"messages": [{"role": "user"}]}]:
         whole, continuous = _post(llm, body), _post(llm_continuous, body)
         assert (continuous[0], continuous[2]) == (whole[0], whole[2])
         assert continuous[1]["content-type"] == whole[1]["content-type"]
@@ -161,10 +177,12 @@ def test_continuous_batching_answers_as_whole_batches_do(llm, llm_continuous):
     assert len(texts) == 1
 
 
-def test_a_request_joins_a_running_generation_at_a_token_boundary(llm_continuous):
+@pytest.mark.parametrize("server", ["llm_continuous", "llm_async"])
+def test_a_request_joins_a_running_generation_at_a_token_boundary(server, request):
     """Continuous batching: a request sent while another streams a long answer joins the running
     batch at the next step and finishes while the long one is still generating (it does not wait
     for it), with the tokens it gets alone."""
+    llm_continuous = request.getfixturevalue(server)
     short = {**_chat("Name a fruit."), "max_new_tokens": 6}
     alone = _post(llm_continuous, short)[2]["token_ids"]
     arrived = []  # (time, line) of the long stream, read as the lines come
@@ -246,7 +264,9 @@ def test_bad_requests_are_4xx_and_the_worker_keeps_serving(llm, body, content_ty
     assert _post(llm, {"prompt": "hi", "max_new_tokens": 2})[0] == 200
 
 
-def test_a_hostile_request_in_a_batch_fails_only_itself(llm):
+@pytest.mark.parametrize("server", ["llm", "llm_async"])
+def test_a_hostile_request_in_a_batch_fails_only_itself(server, request):
+    llm = request.getfixturevalue(server)
     bodies = [{"prompt": "\ud800"}, {"prompt": "Name a color.", "max_new_tokens": 8}, '{"prompt"',
               {"prompt": "Name a color.", "max_new_tokens": 8}] * 2
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -258,9 +278,11 @@ def test_a_hostile_request_in_a_batch_fails_only_itself(llm):
     assert len(good) == 4 and len({json.dumps(b["token_ids"]) for b in good}) == 1
 
 
-def test_hostile_openai_requests_next_to_good_ones_fail_only_themselves(llm):
+@pytest.mark.parametrize("server", ["llm", "llm_async"])
+def test_hostile_openai_requests_next_to_good_ones_fail_only_themselves(server, request):
     """OpenAI and native requests, good and hostile, sent at once (they share batches)."""
-    url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/smollm2/1.0/v1/completions"
+    llm = request.getfixturevalue(server)
+    url = f"http://127.0.0.1:{llm.ports['inference']}/predictions/{llm.model}/1.0/v1/completions"
 
     def post_openai(body):
         return post_json(url, body)
@@ -380,7 +402,7 @@ def _metric(server, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-@pytest.mark.parametrize("server", ["llm", "llm_continuous"])
+@pytest.mark.parametrize("server", ["llm", "llm_continuous", "llm_async"])
 def test_a_chats_next_turn_reads_its_history_from_the_prefix_cache(server, request, in_process):
     """Through the official openai client: turn 2 resends turn 1 and its answer; its usage says how many
     prompt tokens came from the cache (OpenAI's prompt_tokens_details.cached_tokens), its answer is the
@@ -492,7 +514,7 @@ def test_json_answers_parse_and_follow_their_schema(llm):
     jsonschema.validate(json.loads(native["text"]), PERSON)
 
 
-@pytest.mark.parametrize("server", ["llm", "llm_continuous"])
+@pytest.mark.parametrize("server", ["llm", "llm_continuous", "llm_async"])
 def test_tool_calls_through_the_openai_client(server, request):
     """tools with tool_choice auto / required / a named function / none, whole and streamed: a call is
     OpenAI's message.tool_calls (one of the tools, arguments valid for its parameters) with finish_reason
@@ -582,3 +604,72 @@ def test_prompt_lookup_is_on_by_default_and_answers_as_plain_decoding(llm):
     assert looked.usage.completion_tokens == plain.usage.completion_tokens
     with pytest.raises(openai.BadRequestError, match="prompt_lookup must be true or false"):
         client.chat.completions.create(model="smollm2", messages=messages, extra_body={"prompt_lookup": "yes"})
+
+
+# ---- the async worker (--async-worker): its own step loop ------------------------------------------
+def _stream_lines(server, body, lines: int):
+    """A streamed request's open response after its first `lines` lines (and those lines)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=120)
+    connection.request("POST", f"/predictions/{server.model}", headers={"Content-Type": "application/json"},
+                       body=json.dumps({**body, "stream": True}))
+    response = connection.getresponse()
+    return connection, response, [json.loads(response.readline()) for _ in range(lines)]
+
+
+def test_async_worker_streams_grpc_token_by_token(llm_async):
+    """The step loop sends each token as it is made over gRPC StreamPredictions too (several messages,
+    not one at the end as with --continuous-batching)."""
+    target = f"127.0.0.1:{llm_async.ports['grpc']}"
+    chunks = list(grpc_client.stream_generate({**_chat("Count to ten."), "max_new_tokens": 12, "stream": True},
+                                              target, llm_async.model))
+    assert len(chunks) >= 10 and chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_async_worker_a_client_that_goes_away_costs_only_its_row(llm_async):
+    """TorchServe's async mode does not tell the worker that a client went away (its frontend drops the
+    answer), so that generation runs to its end: the others meanwhile join, stream and finish with the
+    tokens they get alone, and the worker keeps serving."""
+    alone = _post(llm_async, {**_chat("Name a color."), "max_new_tokens": 8})[2]["token_ids"]
+    connection, _, _ = _stream_lines(llm_async, {**_chat("Write a long story about a storm."),
+                                                 "max_new_tokens": 150}, 2)
+    connection.sock.shutdown(2)
+    connection.close()
+    bodies = [{"prompt": "\ud800"}, {**_chat("Name a color."), "max_new_tokens": 8}, '{"prompt"', CAPITAL] * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: _post(llm_async, b), bodies))
+    assert [status for status, _, _ in answers] == [400, 200, 400, 200] * 2
+    assert answers[1][2]["token_ids"] == answers[5][2]["token_ids"] == alone
+    assert {answers[i][2]["text"] for i in (3, 7)} == {"The capital of France is Paris."}
+
+
+def test_async_worker_killed_mid_stream_serves_again_once_rescaled(llm_async):
+    """A worker SIGKILLed while it streams. TorchServe 0.12's async frontend starts a new worker but
+    never marks it READY again (AsyncWorkerThread keeps its first load's loadingFinished, so the
+    state stays UNLOADING and requests wait forever), nor ends the cut stream: measured here, and the
+    recovery docs/generation.md#the-async-worker gives (scale the model's workers to 0 and back to 1)
+    serves again."""
+    import psutil
+
+    connection, _, _ = _stream_lines(llm_async, {**_chat("Write a long story about a storm."),
+                                                 "max_new_tokens": 200}, 2)
+    workers = [p for p in llm_async.our_processes()[1:] if "model_service_worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    workers[0].send_signal(9)
+    management = f"http://127.0.0.1:{llm_async.ports['management']}/models/{llm_async.model}"
+
+    def statuses() -> list[str]:
+        with urllib.request.urlopen(management, timeout=10) as r:
+            return [w["status"] for w in json.loads(r.read())[0]["workers"]]
+
+    time.sleep(15)  # TorchServe has restarted and loaded a worker by now (~8 s here)
+    assert statuses() == ["UNLOADING"]  # TorchServe 0.12's defect; if this fails, it was mended: say so
+    connection.close()
+    for workers_wanted in (0, 1):
+        request = urllib.request.Request(f"{management}?min_worker={workers_wanted}&max_worker={workers_wanted}"
+                                         "&synchronous=true", method="PUT")
+        with urllib.request.urlopen(request, timeout=300) as r:
+            assert r.status == 200
+    assert statuses() == ["READY"]
+    status, _, body = _post(llm_async, CAPITAL)
+    assert status == 200 and body["text"] == "The capital of France is Paris."
+    assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE

@@ -96,6 +96,9 @@ def _add_archive_args(p: argparse.ArgumentParser) -> None:
                    help="generation: requests join and leave the running batch at every token, and a client "
                         "that goes away stops its generation (costs a TorchServe round trip per token; gRPC "
                         "streams then arrive in one message)")
+    p.add_argument("--async-worker", action="store_true",
+                   help="generation: the worker runs continuous batching itself (TorchServe's async mode): "
+                        "tokens stream out without a TorchServe round trip per token")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="generation with --continuous-batching: prompt tokens prefilled per step, so a long "
                         "prompt does not stall the running streams (0: whole prompts)")
@@ -192,7 +195,8 @@ def _settings(args):
                          startup_timeout_s=args.startup_timeout, too_long=args.too_long,
                          max_inputs_per_request=args.max_inputs_per_request,
                          max_documents_per_request=args.max_documents_per_request, max_new_tokens=args.max_new_tokens,
-                         continuous_batching=args.continuous_batching, prefill_chunk=args.prefill_chunk,
+                         continuous_batching=args.continuous_batching, async_worker=args.async_worker,
+                         prefill_chunk=args.prefill_chunk,
                          prefix_caching=not args.no_prefix_caching, prompt_lookup=not args.no_prompt_lookup)
 
 

@@ -22,6 +22,7 @@ from .encoder_checkpoint import check_output_dir
 _HANDLER_DIR = Path(__file__).resolve().parents[2] / "handler"
 HANDLERS = {"embedding": _HANDLER_DIR / "encoder_handler.py", "classification": _HANDLER_DIR / "encoder_handler.py",
             "generation": _HANDLER_DIR / "generation_handler.py"}
+ASYNC_GENERATION_HANDLER = _HANDLER_DIR / "async_generation_handler.py"  # --async-worker
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ServeSettings:
     max_documents_per_request: int = 1000  # classification: documents per rerank request
     max_new_tokens: int = 256             # generation: the default when a request gives none
     continuous_batching: bool = False     # generation: join and leave at every token (handler docstring)
+    async_worker: bool = False            # generation: the worker runs the loop (async_generation_handler.py)
     prefill_chunk: int = 256              # generation, continuous batching: prompt tokens prefilled per step
     prefix_caching: bool = True           # generation: reuse a cache row's prefix (engine/prefix_cache.py)
     prompt_lookup: bool = True            # generation: greedy rows draft tokens from their context
@@ -61,8 +63,10 @@ class ServeSettings:
             raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {self.prefill_chunk}")
         if self.too_long not in ("truncate", "reject"):
             raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
-        if kind in ("embedding", "classification") and self.continuous_batching:
-            raise UsageError("--continuous-batching is for generation models")
+        if kind in ("embedding", "classification") and (self.continuous_batching or self.async_worker):
+            raise UsageError("--continuous-batching and --async-worker are for generation models")
+        if self.continuous_batching and self.async_worker:
+            raise UsageError("--async-worker runs continuous batching in the worker: leave out --continuous-batching")
         if kind == "generation" and self.batch_size is not None:
             raise UsageError("--serve-batch-size is for embeddings: a generation model's batch is its traced "
                              "--batch-size (one KV-cache row per request)")
@@ -92,6 +96,9 @@ def model_config(manifest: Manifest, settings: ServeSettings | None = None, torc
     }
     if generation and s.continuous_batching:  # one handler call per step (handler/generation_handler.py)
         config["continuousBatching"] = True
+    if generation and s.async_worker:  # requests reach the worker one by one, as they arrive
+        config["asyncCommunication"] = True
+        config["batchSize"] = 1
     if s.threads_per_rank is not None:
         config["handler"]["threads_per_rank"] = s.threads_per_rank
     if torchrun:
@@ -99,6 +106,12 @@ def model_config(manifest: Manifest, settings: ServeSettings | None = None, torc
         # rendezvous on loopback with a free port (as `torchrun --standalone`), not the fixed 29400
         config["torchrun"] = {"nproc-per-node": manifest.tp_degree, "rdzv-endpoint": "127.0.0.1:0"}
     return config
+
+
+def handler_file(manifest: Manifest, settings: ServeSettings | None) -> Path:
+    if manifest.model.get("kind") == "generation" and settings is not None and settings.async_worker:
+        return ASYNC_GENERATION_HANDLER
+    return HANDLERS[manifest.model.get("kind", "embedding")]
 
 
 def check_shards(shards: Path) -> Manifest:
@@ -132,7 +145,7 @@ def build_archive(shards: Path, model_name: str, export_path: Path, archive_form
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(manifest, settings, torchrun), sort_keys=False))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", model_name,
-                   "--version", "1.0", "--handler", str(HANDLERS[manifest.model.get("kind", "embedding")]),
+                   "--version", "1.0", "--handler", str(handler_file(manifest, settings)),
                    "--extra-files", str(shards),
                    "--config-file", str(config_file), "--export-path", str(export_path),
                    "--archive-format", archive_format, "--force"]

@@ -9,6 +9,7 @@ tokenizer too and carries what the generator needs (decoder shape, buckets, EOS 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -118,6 +119,24 @@ def rope_switch(model_dir: Path, config: dict, decoder: DecoderConfig) -> int:
     return min((s for s in switches if 0 < s < decoder.max_context), default=0)
 
 
+def ring_plan(decoder: DecoderConfig, prefill: list[int], given: bool, reuse: bool) -> tuple[list[int], int]:
+    """(prompt buckets, DecoderConfig.ring_span): sliding layers keep a ring of their last positions
+    instead of max_context where every graph writes through tpserve::cached_attention (chunk graphs;
+    not a model with a rotary switch, whose rows are prefilled whole again) and that saves memory. The
+    default buckets then stop at the largest chunk graph (longer prompts prefill in pieces); buckets
+    given past it keep whole caches."""
+    chunks = [n for n in prefill if chunk_graph(n)]
+    span = max([*chunks, VERIFY_TOKENS]) if chunks else 0
+    trial = dataclasses.replace(decoder, ring_span=span)
+    if not (reuse and span and any(trial.ring(i) for i in range(decoder.num_hidden_layers))):
+        return prefill, 0
+    if len(chunks) < len(prefill):
+        if given:
+            return prefill, 0
+        prefill = chunks
+    return prefill, span
+
+
 def _eos_ids(model_dir: Path, config: dict) -> list[int]:
     eos = config.get("eos_token_id")
     generation = model_dir / "generation_config.json"
@@ -128,11 +147,18 @@ def _eos_ids(model_dir: Path, config: dict) -> list[int]:
 
 def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, prefill: list[int] | None = None,
                   batch_size: int | None = None, max_context: int | None = None,
-                  max_parallel_compilations: int | None = None, weights: str = "fp32") -> artifacts.Manifest:
+                  max_parallel_compilations: int | None = None, weights: str = "fp32",
+                  ring_caches: bool = True) -> artifacts.Manifest:
+    """ring_caches=False: sliding layers keep max_context positions too (bench/ring_cache.py compares)."""
     model_dir, output = Path(model_dir), Path(output)
+    given = prefill is not None
     decoder, prefill, contexts = check_decoder(model_dir, config, tp_degree, prefill, batch_size, max_context,
                                                weights)
-    runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context, "weights": decoder.weights}
+    switch = rope_switch(model_dir, config, decoder)
+    reuse = not switch  # a cached key stays what a whole prompt computes
+    prefill, decoder.ring_span = ring_plan(decoder, prefill, given, reuse and ring_caches)
+    runtime = {"max_batch": decoder.max_batch, "max_context": decoder.max_context, "weights": decoder.weights,
+               "ring_span": decoder.ring_span}
     zeros = functools.partial(torch.zeros, dtype=torch.long)
     # inputs: token ids, positions, cache slots, index of each row's last token
     examples = [(zeros(1, n), torch.arange(n).unsqueeze(0), zeros(1), torch.tensor([n - 1]))  # one prompt per call
@@ -141,8 +167,6 @@ def trace_decoder(model_dir: Path, config: dict, tp_degree: int, output: Path, p
     examples += [(zeros(r, 1), zeros(r, 1), torch.arange(r), zeros(r)) for r in rows for _ in contexts]  # 1 token/row
     # a prompt graph attends its own length, or (chunk graphs) the whole cache row, so that it can prefill
     # the rest of a prompt after a cached prefix (engine/prefix_cache.py) or a long prompt in pieces
-    switch = rope_switch(model_dir, config, decoder)
-    reuse = not switch  # a cached key stays what a whole prompt computes
     prefill_contexts = [decoder.max_context if reuse and chunk_graph(n) else n for n in prefill]
     kwargs = [{"runtime": runtime, "context": n} for n in prefill_contexts + contexts * len(rows)]
     # verify graphs (prompt-lookup decoding): a row's last token and its drafts, every position's logits,

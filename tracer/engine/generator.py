@@ -25,6 +25,7 @@ import torch
 from ..artifacts import TOKENIZER_DIR, tokenizer_file
 from ..bucketing import DecoderBucketKernel
 from ..errors import GenerationRequestError, ManifestError
+from ..models.decoder import DecoderConfig
 from ..runtime.tensor_parallel_model import parallel_model_load
 from .grammar import Constraint, Grammars
 from .prefix_cache import PrefixCache
@@ -105,6 +106,7 @@ class _Row:
     constraint: Constraint | None = None
     ngrams: dict = field(default_factory=dict)  # prompt lookup: n tokens -> where the token after them sits
     indexed: int = 0                            # tokens of prompt + generated indexed into ngrams
+    written: int = -1  # the last cache position written (bucket padding too): what ring caches still hold
 
     def held(self) -> list[int]:
         """The tokens whose keys and values this row's cache holds once it stopped: the prompt and
@@ -143,7 +145,10 @@ class Generator:
         # tpserve::cached_attention, whose cost follows the positions, not the context)
         contexts = info.get("prefill_contexts") or self.prefill_buckets
         self.chunk_lengths = [n for n, c in zip(self.prefill_buckets, contexts, strict=True) if c >= self.max_context]
-        self.prefix = PrefixCache(self.max_batch, enabled=prefix_caching and bool(self.chunk_lengths))
+        decoder = DecoderConfig(**info["decoder"])  # sliding layers' ring caches: (window, ring) of each kind
+        rings = sorted({(decoder.windows[i], decoder.ring(i)) for i in range(decoder.num_hidden_layers)
+                        if decoder.ring(i)})
+        self.prefix = PrefixCache(self.max_batch, enabled=prefix_caching and bool(self.chunk_lengths), rings=rings)
         # prompts go in pieces through the chunk graphs warm_up runs, so no request lands in a cold graph
         # (TorchScript profiles a graph's first runs: a 700-token chat took 4.1 s the first time served),
         # and it is not slower: SmolLM2 int4, 700 tokens, 850 ms in 256-token pieces, 848 in 512-token ones,
@@ -236,7 +241,7 @@ class Generator:
                 done = True
             finally:  # after a failure the rows' contents are not known: nothing is kept
                 for row in rows:
-                    self.prefix.release(row.slot, row.held() if done else [])
+                    self.prefix.release(row.slot, row.held() if done else [], row.written)
             for row in rows:
                 results[row.index] = self._completion(row)
         return results
@@ -245,7 +250,8 @@ class Generator:
         """A row for this prompt in a free cache row, the one holding most of its beginning."""
         constraint = Constraint(params.grammar) if params.grammar is not None else None
         slot, start = self.prefix.acquire(prompt)
-        return _Row(index, prompt, params, slot, self._sampler(params.seed), start=start, constraint=constraint)
+        return _Row(index, prompt, params, slot, self._sampler(params.seed), start=start, constraint=constraint,
+                    written=self.prefix.written[slot] if start else -1)
 
     def teacher_forced(self, prompt: list[int], tokens: list[int]) -> tuple[list[int], list[float]]:
         """Feed `tokens` after `prompt` one at a time (teacher forcing) and return, for each of them,
@@ -274,20 +280,21 @@ class Generator:
         hold): in pieces of prefill_piece tokens, or (0) the whole prompt in its bucket."""
         n, start = len(row.prompt), row.start
         if start == 0 and 1 < n <= self.prefill_buckets[-1] and not self.prefill_piece:
-            return self._prefill_whole(row.slot, row.prompt)
+            return self._prefill_whole(row, row.prompt)
         while True:
             logits, start = self.prefill_chunk(row, start, self.prefill_piece or None)
             if start == n:
                 return logits
 
-    def _prefill_whole(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """The logits after `tokens`, prefilled into cache row `slot` from position 0 in one call of
+    def _prefill_whole(self, row: _Row, tokens: list[int]) -> torch.Tensor:
+        """The logits after `tokens`, prefilled into the row's cache row from position 0 in one call of
         their bucket, however long (SDPA past 512 tokens)."""
         n = len(tokens)
         bucket = self.buckets.prefill_bucket(n)
         length = self.prefill_buckets[bucket]  # padded on the right with token 0 at the next positions
         ids = torch.tensor([tokens + [0] * (length - n)])
-        inputs = [ids, torch.arange(length).unsqueeze(0), torch.tensor([slot]), torch.tensor([n - 1])]
+        inputs = [ids, torch.arange(length).unsqueeze(0), torch.tensor([row.slot]), torch.tensor([n - 1])]
+        row.written = max(row.written, length - 1)
         return self.model.run_bucket(bucket, inputs)[0][0]
 
     def prefill_chunk(self, row: _Row, start: int, limit: int | None = None) -> tuple[torch.Tensor, int]:
@@ -304,6 +311,7 @@ class Generator:
         ids = torch.tensor([row.prompt[start:start + take] + [0] * (length - take)])
         positions = (torch.arange(start, start + length).clamp(max=self.max_context - 1)).unsqueeze(0)
         inputs = [ids, positions, torch.tensor([row.slot]), torch.tensor([take - 1])]
+        row.written = max(row.written, int(positions[0, -1]))
         return self.model.run_bucket(bucket, inputs)[0][0], start + take
 
     def advance(self, rows: list[_Row], on_token=None) -> None:
@@ -313,7 +321,7 @@ class Generator:
         stepped = []
         for row in rows:
             if self._crosses_switch(row):  # Hugging Face recomputes the whole sequence there: so do we
-                self._take(row, self._prefill_whole(row.slot, row.prompt + row.generated), on_token)
+                self._take(row, self._prefill_whole(row, row.prompt + row.generated), on_token)
             elif drafts := self._drafts(row):
                 self._verify(row, drafts, on_token)
             else:
@@ -352,6 +360,7 @@ class Generator:
         n, at = self.verify_tokens, len(row.prompt) + len(row.generated) - 1  # the last token's position
         ids = [row.generated[-1], *drafts] + [0] * (n - 1 - len(drafts))
         positions = torch.arange(at, at + n).clamp(max=self.max_context - 1).unsqueeze(0)
+        row.written = max(row.written, int(positions[0, -1]))
         logits = self.model.run_bucket(self.verify_bucket, [
             torch.tensor([ids]), positions, torch.tensor([row.slot]), torch.tensor([len(drafts)])])[0]
         self.lookup_stats["calls"] += 1
@@ -372,6 +381,7 @@ class Generator:
             ids[i] = [row.prompt[-1] if first else row.generated[-1]]
             positions[i] = [len(row.prompt) + len(row.generated) - 1]  # where that token sits
             slots[i] = row.slot
+            row.written = max(row.written, positions[i][0])
         bucket = self.buckets.generation_bucket(b, max(p for (p,) in positions) + 1)
         inputs = [torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), torch.zeros(b, dtype=torch.long)]
         logits = self.model.run_bucket(bucket, inputs)[0]

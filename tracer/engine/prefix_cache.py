@@ -9,6 +9,10 @@ positions 0.. of the row the request runs in; a chat's next turn, a shared syste
 document asked again all are such prefixes. The memory is the cache's own (max_batch rows of
 max_context positions, allocated at load): nothing more is held, and a row's prefix lives until a
 request that shares less of it needs the row (least recently used first).
+
+Sliding layers with a ring cache (models/decoder.py's DecoderConfig.ring) hold only their last R
+positions: a prefix of k tokens is reusable from a row only while its ring still holds the W - 1
+positions before k (the ones the first new token attends), i.e. none written since then wrapped over them.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, rows: int, enabled: bool = True) -> None:
+    def __init__(self, rows: int, enabled: bool = True, rings: list[tuple[int, int]] = ()) -> None:
         self.enabled = enabled
+        self.rings = list(rings)  # (window W, ring R) of each kind of ring-cached sliding layer
         self.held: list[list[int]] = [[] for _ in range(rows)]  # tokens whose KV row r holds at 0..
+        self.written = [-1] * rows  # the last position written in row r (its rings hold the R before)
         self.last_used = [0] * rows
         self.free = set(range(rows))
         self.clock = 0
@@ -44,7 +50,8 @@ class PrefixCache:
         the prompt's last token is always prefilled (its logits give the first new token)."""
         if not self.free:
             raise LookupError("every cache row is taken")
-        shared = {row: common_prefix(self.held[row], prompt) if self.enabled else 0 for row in self.free}
+        shared = {row: self._usable(row, min(common_prefix(self.held[row], prompt), len(prompt) - 1))
+                  if self.enabled else 0 for row in self.free}
         lru = min(self.free, key=lambda row: self.last_used[row])
         same = [row for row in self.free
                 if shared[row] and shared[row] >= SAME_CONVERSATION * min(len(self.held[row]), len(prompt))]
@@ -56,11 +63,19 @@ class PrefixCache:
         self.cached_tokens += reused
         return row, reused
 
-    def release(self, row: int, held: list[int]) -> None:
+    def _usable(self, row: int, start: int) -> int:
+        """`start` (tokens reused) if the row's rings still hold the positions its first new token
+        attends, else 0."""
+        return start if all(max(0, start - window + 1) > self.written[row] - ring
+                            for window, ring in self.rings) else 0
+
+    def release(self, row: int, held: list[int], written: int = -1) -> None:
         """The request running in `row` is done; the row holds the KV of `held` (its prompt and the
-        generated tokens that were fed back) at positions 0.."""
+        generated tokens that were fed back) at positions 0.., and its last write was at `written`
+        (bucket padding included: what rings hold)."""
         self.clock += 1
         self.held[row] = list(held) if self.enabled else []
+        self.written[row] = written
         self.last_used[row] = self.clock
         self.free.add(row)
 

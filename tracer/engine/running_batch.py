@@ -76,4 +76,5 @@ class RunningBatch:
         keeps its tokens' KV for a later prompt that begins with them (not after a failure: unknown)."""
         row = self.rows.pop(key)
         done = self.prefilled.pop(key, None)  # left while prefilling: the pieces so far are held
-        self.generator.prefix.release(row.slot, [] if failed else row.prompt[:done] if done is not None else row.held())
+        held = [] if failed else row.prompt[:done] if done is not None else row.held()
+        self.generator.prefix.release(row.slot, held, row.written)

@@ -16,7 +16,9 @@ the whole cache row, a chunk graph), a generation graph of one token attends its
 
 The caches are non-persistent buffers returned as outputs and named in `states`: the runtime
 allocates them (zeros) once per rank at load, shares them between all graphs of the rank, and the
-graph's own in-place write is the update (the returned tensor is the buffer itself).
+graph's own in-place write is the update (the returned tensor is the buffer itself). A sliding
+layer's cache may be a ring of its last positions (DecoderConfig.ring) where every graph attends
+through tpserve::cached_attention.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class DecoderConfig:
     max_batch: int = 4          # rows of one generation step; the cache has one more (scratch) row
     max_context: int = 1024     # positions per cache row
     weights: str = "fp32"       # or "int8" / "int4" (groups of 32, LM head int8 in both): weight-only
+    ring_span: int = 0          # > 0: sliding layers keep a ring of W + ring_span - 1 positions (ring())
 
     def __post_init__(self) -> None:
         self.rotary_dim = self.rotary_dim or self.head_dim
@@ -75,6 +78,16 @@ class DecoderConfig:
         self.layer_rope = list(self.layer_rope) or [0] * self.num_hidden_layers
         if self.activation not in _GATES:
             raise ValueError(f"activation {self.activation!r} is not supported ({', '.join(_GATES)})")
+
+    def ring(self, layer: int) -> int:
+        """The ring of a sliding layer's cache, or 0 (a cache of max_context positions). With ring_span set
+        (the most positions one call writes: the largest prompt graph), a layer of window W keeps
+        positions p at p % R, R = W + ring_span - 1 (what a call's queries read survives its own writes),
+        in R + W - 1 positions (csrc/decoder_ops.cpp mirrors the first W - 1 so that a window is one run);
+        where that is not less than max_context, the whole row."""
+        window = self.windows[layer]
+        ring = window + self.ring_span - 1
+        return ring if self.ring_span > 0 and window > 0 and ring + window - 1 < self.max_context else 0
 
 
 @dataclass
@@ -193,8 +206,11 @@ class Attention(nn.Module):
         self.grouped = layout.kv_index == [i // group for i in range(layout.local_heads)]
         self.max_batch = c.max_batch
         # [row, KV head, position, D]: each KV head's keys in one run (what SDPA reads, and what a step's
-        # attention streams); + 1 row: the scratch row of idle rows
-        shape = (c.max_batch + 1, layout.local_kv, c.max_context, hd)
+        # attention streams); + 1 row: the scratch row of idle rows. A sliding layer's ring: its last
+        # positions only (DecoderConfig.ring)
+        self.ring = c.ring(layer)
+        positions = self.ring + self.window - 1 if self.ring else c.max_context
+        shape = (c.max_batch + 1, layout.local_kv, positions, hd)
         self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
 
@@ -212,8 +228,11 @@ class Attention(nn.Module):
             out = native_ops.cached_attention(
                 qkv, cos, sin, self.cache_k, self.cache_v, slots, positions, self.kv_index, self.context, self.scale,
                 self.window, self.q_norm.weight if self.qk_norm else None,
-                self.k_norm.weight if self.qk_norm else None, self.eps)
+                self.k_norm.weight if self.qk_norm else None, self.eps, self.ring)
             return project(self.o_proj, out, rows)
+        if self.ring:
+            raise ValueError(f"a ring cache is read by tpserve::cached_attention only (up to "
+                             f"{_NATIVE_ATTENTION_TOKENS} tokens a call), not by {length} tokens through SDPA")
         q, k, v = self.qkv_proj(x, rows) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(b, length, self.local_heads, self.head_dim)
         k = k.view(b, length, self.local_kv, self.head_dim)

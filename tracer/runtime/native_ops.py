@@ -141,16 +141,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor,
                      context: int, scale: float, window: int = -1, q_norm: torch.Tensor | None = None,
-                     k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, ring: int = 0) -> torch.Tensor:
     """Attention of new tokens over the KV cache, one op: qkv [b, L, (heads + 2 KV heads) * D] (a fused
     q/k/v projection's output) split, each head of q and k RMS-normalized where q_norm / k_norm [D] are
     given, rotated (rope's cos, sin [b, L, 1, R]: the first R of D values), the new keys and values written
     in place into the caches [rows, KV heads, max_context, D] at (slots[i], positions[i, l]), then
     softmax(q k^T * scale) v over the first `context` positions of each row's cache row, causal by
     position (window W > 0: the last W positions only), query head h reading KV head kv_index[h] ->
-    [b, L, heads * D]; the caches read where they lie (csrc/decoder_ops.cpp)."""
+    [b, L, heads * D]; the caches read where they lie (csrc/decoder_ops.cpp). ring > 0 (a sliding layer):
+    the caches hold ring + window - 1 positions, position p at p % ring (mirrored past the ring below
+    window - 1), ring >= window + L - 1."""
     return ops().cached_attention(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale, window,
-                                  q_norm, k_norm, eps)
+                                  q_norm, k_norm, eps, ring)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float,

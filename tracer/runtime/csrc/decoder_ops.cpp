@@ -110,12 +110,36 @@ inline void head_norm(const float* x, const float* weight, float eps, int64_t D,
   for (int64_t d = 0; d < D; ++d) out[d] = weight[d] * (x[d] * inv);
 }
 
+// attention_formula's cache write and attention where a sliding layer's cache is a ring (see
+// cached_attention): position p at index p % ring, the first window - 1 indices mirrored past the ring;
+// each query gathers the keys of its window's positions.
+at::Tensor ring_formula(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
+                        at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& positions,
+                        const at::Tensor& kv_index, int64_t context, double scale, int64_t window, int64_t ring) {
+  const at::Tensor index = positions.remainder(ring);
+  cache_k.transpose(1, 2).index_put_({rows, index}, k);
+  cache_v.transpose(1, 2).index_put_({rows, index}, v);
+  const at::Tensor mirrored = index < window - 1;
+  cache_k.transpose(1, 2).index_put_({rows.index({mirrored}), index.index({mirrored}) + ring}, k.index({mirrored}));
+  cache_v.transpose(1, 2).index_put_({rows.index({mirrored}), index.index({mirrored}) + ring}, v.index({mirrored}));
+  const at::Tensor key = positions.unsqueeze(-1) + (at::arange(window, positions.options()) - (window - 1));  // [b, L, W]
+  const at::Tensor batch = at::arange(slots.size(0), positions.options()).view({-1, 1, 1}).expand(key.sizes());
+  const auto window_of = [&](const at::Tensor& cache) {  // [b, L, W, H, D]
+    return cache.index_select(0, slots).transpose(1, 2).index({batch, key.clamp_min(0).remainder(ring)})
+        .index_select(3, kv_index);
+  };
+  at::Tensor scores = at::einsum("blhd,blwhd->bhlw", {q, window_of(cache_k)}) * scale;
+  const at::Tensor seen = (key >= 0).logical_and(key < context);
+  scores = scores.masked_fill(seen.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
+  return at::einsum("bhlw,blwhd->blhd", {at::softmax(scores, -1), window_of(cache_v)}).flatten(-2);
+}
+
 // cached_attention's formula in ATen ops (other dtypes and devices).
 at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                              at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
                              const at::Tensor& kv_index, int64_t context, double scale, int64_t window,
                              const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                             double eps) {
+                             double eps, int64_t ring) {
   const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
   const std::vector<at::Tensor> parts = qkv.split_with_sizes({H * D, KV * D, KV * D}, -1);
   const auto normed = [&](const at::Tensor& x, const std::optional<at::Tensor>& w) {
@@ -125,6 +149,7 @@ at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const
   const at::Tensor k = rope(normed(parts[1].unflatten(-1, {KV, D}), k_norm), cos, sin);
   const at::Tensor v = parts[2].unflatten(-1, {KV, D});
   const at::Tensor rows = slots.unsqueeze(1).expand(positions.sizes());
+  if (ring > 0) return ring_formula(q, k, v, cache_k, cache_v, slots, rows, positions, kv_index, context, scale, window, ring);
   cache_k.transpose(1, 2).index_put_({rows, positions}, k);
   cache_v.transpose(1, 2).index_put_({rows, positions}, v);
   const at::Tensor keys = cache_k.index_select(0, slots).narrow(2, 0, context).index_select(1, kv_index);
@@ -146,16 +171,23 @@ at::Tensor attention_formula(const at::Tensor& qkv, const at::Tensor& cos, const
 // caches [rows, KV, max_context, D], slots [b] (the cache row of each of qkv's rows), positions [b, L],
 // kv_index [H] (the KV head each query head reads). One op for what took a split, two rotations, a
 // cache write, a gather of the rows, a mask and SDPA; the caches are read where they lie.
+// ring > 0 (a sliding layer, window W): the caches are [rows, KV, ring + W - 1, D], position p at index
+// p % ring and, for indices below W - 1, at ring + p % ring too, so that a query's window (at most W
+// positions from lo % ring on) is always one run of indices; ring >= W + L - 1 keeps a call's own writes
+// (padding included) from overwriting keys its queries still read.
 at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k,
                             at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& positions,
                             const at::Tensor& kv_index, int64_t context, double scale, int64_t window,
                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                            double eps) {
+                            double eps, int64_t ring) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(), "cached_attention: caches [rows, KV, context, D]");
   const int64_t H = kv_index.numel(), KV = cache_k.size(1), D = cache_k.size(3);
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(-1) == (H + 2 * KV) * D, "cached_attention: qkv must be [b, L, ",
               (H + 2 * KV) * D, "] for ", H, " heads and ", KV, " KV heads of ", D);
   const int64_t B = qkv.size(0), L = qkv.size(1), R = cos.size(-1);
+  TORCH_CHECK(ring == 0 || (window > 0 && ring >= window + L - 1 && cache_k.size(2) == ring + window - 1),
+              "cached_attention: a ring of ", ring, " needs a window, room for the window and ", L,
+              " new tokens, and caches of ring + window - 1 positions");
   const auto norm_ok = [&](const std::optional<at::Tensor>& w) {
     return !w || (w->scalar_type() == at::kFloat && w->numel() == D && w->is_contiguous());
   };
@@ -163,12 +195,12 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                     cache_v.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
                     sin.scalar_type() == at::kFloat && R <= D && R % 2 == 0 && cos.numel() == B * L * R &&
                     sin.numel() == B * L * R && norm_ok(q_norm) && norm_ok(k_norm) &&
-                    cache_k.is_contiguous() && cache_v.is_contiguous() && D % 8 == 0 && context <= cache_k.size(2) &&
+                    cache_k.is_contiguous() && cache_v.is_contiguous() && D % 8 == 0 && (ring > 0 || context <= cache_k.size(2)) &&
                     slots.numel() == B && positions.sizes() == qkv.sizes().slice(0, 2) && !qkv.requires_grad() &&
                     tpserve_simd::cpu_has_avx2_fma();
   if (!fast)
     return attention_formula(qkv, cos, sin, cache_k, cache_v, slots, positions, kv_index, context, scale, window, q_norm,
-                             k_norm, eps);
+                             k_norm, eps, ring);
   const float* qw = q_norm ? q_norm->data_ptr<float>() : nullptr;
   const float* kw = k_norm ? k_norm->data_ptr<float>() : nullptr;
   const at::Tensor x = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
@@ -177,7 +209,7 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t rows = cache_k.size(0), C = cache_k.size(2), width = (H + 2 * KV) * D;
   const int64_t *sp = sl.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>(), *kp = kvi.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < rows, "cached_attention: slot out of range");
-  for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < C, "cached_attention: position out of range");
+  for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(pp[i] >= 0 && (ring > 0 || pp[i] < C), "cached_attention: position out of range");
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kp[h] >= 0 && kp[h] < KV, "cached_attention: kv_index out of range");
   const float *xp = x.data_ptr<float>(), *cp = cc.data_ptr<float>(), *snp = sc.data_ptr<float>();
   // the new tokens' keys (rotated) and values into their cache rows: O(new tokens)
@@ -186,10 +218,14 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   for (int64_t i = 0; i < B * L; ++i) {
     const float* token = xp + i * width;
     for (int64_t h = 0; h < KV; ++h) {
-      const int64_t at = ((sp[i / L] * KV + h) * C + pp[i]) * D;
+      const int64_t index = ring > 0 ? pp[i] % ring : pp[i], at = ((sp[i / L] * KV + h) * C + index) * D;
       head_norm(token + (H + h) * D, kw, static_cast<float>(eps), D, normed.data());
       rotate(normed.data(), cp + i * R, snp + i * R, R, D, kc + at);
       std::copy_n(token + (H + KV + h) * D, D, vc + at);
+      if (ring > 0 && index < window - 1) {  // the mirror past the ring
+        std::copy_n(kc + at, D, kc + at + ring * D);
+        std::copy_n(vc + at, D, vc + at + ring * D);
+      }
     }
   }
   // Threads only where the work outweighs waking them: under ~4k (key, head) pairs (SmolLM2: a lone
@@ -198,7 +234,8 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   // allows, or one per query head when too few runs would leave a thread idle (a lone row's step at
   // a long context: memory-bound there, each thread reading its heads' keys; at bucket 1024 one
   // thread took twice as long).
-  const int64_t work = B * L * H * context;
+  const int64_t span = window > 0 ? std::min(context, window) : context;  // keys a query reads at most
+  const int64_t work = B * L * H * span;
   const bool parallel = work >= 4096 && at::get_num_threads() > 1;
   const int most = tpserve_attend::group_limit(D);  // 0: one head at a time (attend_one)
   const bool grouped = most > 0;
@@ -224,7 +261,7 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t tasks = B * L * static_cast<int64_t>(runs.size());
   const int64_t grain = parallel ? 1 : tasks;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(limit) * context), q(static_cast<size_t>(limit) * D), n(D);
+    std::vector<float> scores(static_cast<size_t>(limit) * span), q(static_cast<size_t>(limit) * D), n(D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t token = t / static_cast<int64_t>(runs.size()), row = token / L;
       const auto [first, heads] = runs[t % runs.size()];
@@ -236,7 +273,8 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       // (all `context` keys at or past the window's end; a sliding layer's last W)
       const int64_t seen = std::min<int64_t>(context, pp[token] + 1);
       const int64_t lo = window > 0 ? std::min(seen - 1, std::max<int64_t>(0, pp[token] - window + 1)) : 0;
-      const int64_t base = (sp[row] * KV + kp[first]) * C * D + lo * D;  // the KV head's keys, one after another
+      const int64_t first_key = ring > 0 ? lo % ring : lo;  // then one run of indices (the mirror)
+      const int64_t base = (sp[row] * KV + kp[first]) * C * D + first_key * D;  // the KV head's keys, one after another
       float* dst = op + token * H * D + first * D;
       if (grouped) {
         tpserve_attend::group_kernel(heads, D)(q.data(), kc + base, vc + base, D, seen - lo, static_cast<float>(scale),
@@ -324,7 +362,7 @@ TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def("geglu(Tensor gate_up) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
         "Tensor positions, Tensor kv_index, int context, float scale, int window=-1, Tensor? q_norm=None, "
-        "Tensor? k_norm=None, float eps=1e-6) -> Tensor");
+        "Tensor? k_norm=None, float eps=1e-6, int ring=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CompositeExplicitAutograd, m) {
