@@ -21,6 +21,8 @@ Two ways to batch, chosen when the model is archived (`--continuous-batching`):
   the next call, its generation stops and its cache row is free. Costs a TorchServe round trip per
   token, and TorchServe 0.12 ends a gRPC stream after its first chunk here (GRPCJob.isOpen() is
   inverted), so a gRPC stream gets its whole answer as one message at the end.
+A third, `--async-worker`, runs the steps in the worker itself: handler/async_generation_handler.py,
+a subclass of this one.
 """
 
 from __future__ import annotations

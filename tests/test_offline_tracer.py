@@ -295,3 +295,7 @@ def test_serving_settings_are_archive_flags(built, tmp_path):
                           "--model-name", "m4", "--export-path", str(tmp_path), "--continuous-batching"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr == "error: --continuous-batching is for generation models\n"
+    bad = subprocess.run([sys.executable, "-m", "tracer", "archive", "--shards", str(built / "minilm.shards"),
+                          "--model-name", "m5", "--export-path", str(tmp_path), "--async-worker"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == "error: --async-worker is for generation models\n"

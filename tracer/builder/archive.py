@@ -63,8 +63,9 @@ class ServeSettings:
             raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {self.prefill_chunk}")
         if self.too_long not in ("truncate", "reject"):
             raise UsageError(f"--too-long must be truncate or reject, got {self.too_long!r}")
-        if kind in ("embedding", "classification") and (self.continuous_batching or self.async_worker):
-            raise UsageError("--continuous-batching and --async-worker are for generation models")
+        for flag, on in (("continuous-batching", self.continuous_batching), ("async-worker", self.async_worker)):
+            if kind in ("embedding", "classification") and on:
+                raise UsageError(f"--{flag} is for generation models")
         if self.continuous_batching and self.async_worker:
             raise UsageError("--async-worker runs continuous batching in the worker: leave out --continuous-batching")
         if kind == "generation" and self.batch_size is not None:
