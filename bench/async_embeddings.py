@@ -2,7 +2,7 @@
 (tp 2, batch 8, fp32), archived twice: as today, and with `asyncCommunication: true` (batchSize 1)
 and a handler whose `handle` is a coroutine around the same one (this file writes it into the copy:
 a benchmark-only variant, not shipped). One TorchServe serves both; a single short text per request,
-one client, the two taking turns request by request; then 8 clients for 10 s each.
+one client, the two taking turns request by request.
 
     .venv/bin/python -m bench.async_embeddings      # ~3 minutes
 """
@@ -29,12 +29,20 @@ ASYNC_HANDLER = '''"""Benchmark-only: the embedding handler on TorchServe's asyn
 from handler.encoder_handler import EncoderHandler
 
 
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+
 class AsyncEncoderHandler(EncoderHandler):
     async def handle(self, data, context):
+        # as handler/async_generation_handler.py answers: the answer as a chunk, then an empty end
+        # marked ts_stream_next "false" (the async frontend forgets a job only on that, and sends
+        # such a first REST response without its HTTP head)
         answers = EncoderHandler.handle(self, data, context)
-        for idx in range(len(answers)):  # the async frontend forgets a job only on this
+        send_intermediate_predict_response(answers, dict(context.request_ids), "Intermediate response", 200,
+                                           context)
+        for idx in range(len(answers)):
             context.set_response_header(idx, "ts_stream_next", "false")
-        return answers
+        return [""] * len(answers)
 '''
 TEXT = "A short sentence to embed."
 ROUNDS = 300
@@ -45,6 +53,10 @@ def async_copy(store: Path) -> None:
     target = store / "minilm-async"
     shutil.copytree(store / "minilm", target)
     (target / "encoder_handler.py").write_text(ASYNC_HANDLER)
+    manifest = target / "MAR-INF" / "MANIFEST.json"
+    record = json.loads(manifest.read_text())
+    record["model"]["modelName"] = "minilm-async"
+    manifest.write_text(json.dumps(record))
     config = yaml.safe_load((target / "model-config.yaml").read_text())
     config.update(asyncCommunication=True, batchSize=1)
     (target / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
