@@ -3,7 +3,7 @@ ts/async_service.py), where the worker owns the generation loop.
 
 TorchServe hands each request to `handle` (a coroutine on the worker's event loop) as it arrives,
 while others run. The request is parsed there and submitted to the StepLoop (tracer/engine/step_loop.py),
-which runs continuous batching on its own thread: the request joins at the next step boundary, its
+which runs continuous batching on the thread that loaded the model: the request joins at the next step boundary, its
 prompt is prefilled in pieces between steps, and its tokens stream out from that thread as TorchServe
 intermediate responses the moment a step produces them; the coroutine returns the final answer. The
 frontend is off the per-token path (continuous batching through TorchServe costs a round trip to it
@@ -56,7 +56,7 @@ class AsyncGenerationHandler(GenerationHandler):
     async def handle(self, data, context):
         """TorchServe's async worker sends one request per call (batchSize 1): its answer, once done."""
         self.context = context  # for the parse, before any await: the requests' calls interleave
-        if isinstance(context.cl_socket, socket.socket) and type(context.cl_socket) is socket.socket:
+        if type(context.cl_socket) is socket.socket:
             context.cl_socket.__class__ = OneWriterSocket
         self.timings.begin(len(data))  # the parse's phases (not written: calls overlap here)
         requests = self.preprocess(data)
@@ -82,7 +82,8 @@ class AsyncGenerationHandler(GenerationHandler):
     async def _run(self, idx: int, request: GenerationRequest, context) -> str | None:
         if request.status != 200 or request.route == MODELS or request.prompt is None:
             return self._answer(idx, request, finished=True, context=context)
-        loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
 
         def on_step(row, error) -> None:  # on the step loop thread
             if error is not None:

@@ -1,6 +1,6 @@
-"""Continuous batching on a thread of its own: the generation loop a serving worker runs when it owns
+"""Continuous batching as a loop of its own: the generation loop a serving worker runs when it owns
 it (handler/async_generation_handler.py, TorchServe's async mode), instead of one handler call per
-step.
+step. run() runs it on the caller's thread (the one that loaded the model) until close().
 
 Requests are submitted from any thread; the loop takes them in at the next step boundary (into a free
 cache row, else they wait in arrival order), prefills them in pieces between steps (RunningBatch's
@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import threading
 from collections.abc import Callable, Hashable
 
 from ..errors import last_line
@@ -34,24 +33,14 @@ class StepLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: collections.deque = collections.deque()  # submitted, no free cache row yet
         self.callbacks: dict[Hashable, OnStep] = {}
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Run the loop on a thread of its own (run() runs it on the caller's)."""
-        self.thread = threading.Thread(target=self.run, name="tpserve-step-loop", daemon=True)
-        self.thread.start()
 
     def submit(self, key: Hashable, prompt: list[int], params: SamplingParams, on_step: OnStep) -> None:
-        self.inbox.put(("submit", key, prompt, params, on_step))
-
-    def cancel(self, key: Hashable) -> None:
-        """Stop the request at the next step boundary (its callback is not called again)."""
-        self.inbox.put(("cancel", key, None, None, None))
+        """From any thread: the request joins at the next step boundary."""
+        self.inbox.put((key, prompt, params, on_step))
 
     def close(self) -> None:
+        """From any thread: run() returns at the next step boundary."""
         self.inbox.put(None)
-        if self.thread is not None:
-            self.thread.join(timeout=30)
 
     # ---- the loop's thread ----------------------------------------------------------------------
     def run(self) -> None:
@@ -69,8 +58,8 @@ class StepLoop:
                 self._step()
 
     def _take_inbox(self, block: bool) -> bool:
-        """Move what was submitted or cancelled meanwhile into the loop (waiting for it when idle);
-        False once close() was called."""
+        """Move what was submitted meanwhile into the waiting line (waiting for it when idle); False
+        once close() was called."""
         while True:
             try:
                 item = self.inbox.get(block=block)
@@ -79,13 +68,7 @@ class StepLoop:
             block = False
             if item is None:
                 return False
-            kind, key, prompt, params, on_step = item
-            if kind == "submit":
-                self.waiting.append((key, prompt, params, on_step))
-            elif key in self.callbacks:
-                self._leave(key)
-            else:
-                self.waiting = collections.deque(w for w in self.waiting if w[0] != key)
+            self.waiting.append(item)
 
     def _join(self, key: Hashable, prompt: list[int], params: SamplingParams, on_step: OnStep) -> None:
         try:
